@@ -1,0 +1,54 @@
+SHELL := /bin/bash
+# lmlab's front door. Every target that needs Python depends on .venv, which `make setup` builds.
+# Targets are one-liners calling `lm ...` or pytest; the logic lives in the packages.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+EXP     ?= experiments/tiny.yaml
+ARGS    ?=
+export THP_MEM_ALLOC_ENABLE ?= 1
+
+.PHONY: setup train train-local sweep serve eval generate data bench test test-fast lint format mlflow-ui job clean
+
+setup: $(VENV)/.installed ## create .venv and install lmlab with its dev tools
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
+	touch $@
+
+train: setup ## train the tiny preset for 2 minutes, evaluate it and print a sample
+	$(BIN)/lm train $(EXP) $(ARGS)
+
+train-local: setup ## the same, in this process without Ray
+	$(BIN)/lm train --local $(EXP) $(ARGS)
+
+data: setup ## prepare the tokenizer and token cache for EXP
+	$(BIN)/lm data prepare --config $(EXP) $(ARGS)
+
+eval: setup ## evaluate a checkpoint: make eval CKPT=runs/tiny/best
+	$(BIN)/lm eval $(CKPT) $(ARGS)
+
+generate: setup ## sample from a checkpoint: make generate CKPT=runs/tiny/best ARGS='--prompt "ROMEO:"'
+	$(BIN)/lm generate $(CKPT) $(ARGS)
+
+bench: setup ## throughput, generation and MFU benchmarks (print a table, write bench/results/*.json)
+	$(BIN)/python -m bench.run $(ARGS)
+
+test: setup ## the whole test suite (unit + integration with real Ray/MLflow)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: setup ## the unit tests only (no Ray)
+	$(BIN)/python -m pytest -q -m "not ray" $(ARGS)
+
+lint: setup ## ruff lint + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean: ## remove run outputs and caches (keeps .venv)
+	rm -rf runs data mlartifacts mlflow.db .pytest_cache .ruff_cache

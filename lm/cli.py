@@ -1,0 +1,276 @@
+"""``lm``: the command line. Subcommands mirror the library: data, tokenizer, train, eval, generate.
+
+lmplatform extends this parser with the Ray/MLflow verbs (and a Ray path for ``train``); user mistakes print one
+line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lm.checkpoint import CheckpointError, load_model
+from lm.config import ConfigError, ExperimentConfig, load_config
+from lm.data import DataError, prepare_data
+from lm.evaluate import EvalError, evaluate_hf_baseline, evaluate_split, format_report
+from lm.generate import iter_generate
+from lm.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+from lm.train import TrainError, resolve_device, train
+
+log = logging.getLogger("lm")
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError, DataError, CheckpointError, TokenizerError, TrainError, EvalError, FileNotFoundError,
+)  # fmt: skip
+Handler = Callable[[argparse.Namespace], int]
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """One log format for every command: time, then the message."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The experiment from ``config`` plus dotted ``overrides`` (and ``--out``)."""
+    overrides = list(args.overrides)
+    if getattr(args, "out", None):
+        overrides.append(f"train.out_dir={args.out}")
+    return load_config(args.config, overrides)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    """Train/load the tokenizer and tokenize the corpus into the cache; print what is there."""
+    cfg = config_from_args(args)
+    data = prepare_data(cfg, progress=True)
+    print(f"corpus {cfg.data.corpus}: tokenizer {data.tokenizer_path}")
+    for split in data.splits:
+        print(f"  {split:>5}: {len(data.tokens(split)):>10,} tokens  {data.num_bytes(split):>11,} bytes")
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    """Train a byte-level BPE tokenizer on text files."""
+    tokenizer = train_tokenizer([Path(f) for f in args.files], args.vocab_size, show_progress=True)
+    tokenizer.save(args.out)
+    print(f"wrote {args.out} ({tokenizer.vocab_size} tokens)")
+    return 0
+
+
+def cmd_tokenizer_encode(args: argparse.Namespace) -> int:
+    """Show how a text splits into tokens."""
+    tokenizer = load_tokenizer(args.tokenizer)
+    ids = tokenizer.encode(args.text)
+    print(json.dumps({"ids": ids, "pieces": [tokenizer.decode([i]) for i in ids]}, ensure_ascii=False))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train in this process, evaluate the result and print a sample from it."""
+    cfg = config_from_args(args)
+    result = train(cfg, resume=not args.restart)
+    m = result.metrics
+    print(
+        f"\n{cfg.name}: step {result.step}, {result.elapsed:.1f}s of training -> val perplexity "
+        f"{m['val_ppl']:.2f}, {m['val_bpb']:.4f} bits/byte (val loss {m['val_loss']:.4f})"
+    )
+    print(f"checkpoints: {result.out_dir} (best: {result.best_checkpoint})")
+    if result.best_checkpoint is not None and not args.no_sample:
+        print_sample(result.best_checkpoint, cfg)
+    return 0
+
+
+def print_sample(checkpoint: Path, cfg: ExperimentConfig) -> None:
+    """Print one sample from ``checkpoint`` with the experiment's sampling defaults."""
+    s = cfg.sample
+    print(f"\n--- sample (prompt {s.prompt!r}, temperature {s.temperature}, top-k {s.top_k}, top-p {s.top_p}) ---")
+    stream_sample(checkpoint, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.top_p, s.seed, "cpu")
+    print("\n---")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity and bits per byte of a checkpoint (and optionally a Hugging Face baseline) on a split."""
+    device = resolve_device(args.device)
+    model, cfg, _ = load_model(args.checkpoint, device)
+    data = prepare_data(_with_tokenizer(cfg, Path(args.checkpoint)), progress=True)
+    if args.split not in data.splits:
+        raise DataError(f"--split {args.split!r}: corpus {cfg.data.corpus!r} has splits {', '.join(data.splits)}")
+    results = [
+        evaluate_split(
+            model, data.tokens(args.split), data.num_bytes(args.split), cfg.model.block_size,
+            batch_size=args.batch_size, device=device, model_name=str(args.checkpoint), text_name=args.split,
+        )
+    ]  # fmt: skip
+    if args.baseline:
+        results.append(
+            evaluate_hf_baseline(args.baseline, data.text(args.split), args.split, args.baseline_window, device=device)
+        )
+    print(format_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.as_dict() for r in results], indent=2))
+    return 0
+
+
+def _with_tokenizer(cfg: ExperimentConfig, checkpoint: Path) -> ExperimentConfig:
+    """Evaluate with the checkpoint's own tokenizer, whatever the config says."""
+    import dataclasses
+
+    tok = dataclasses.replace(cfg.tokenizer, path=str((checkpoint / "tokenizer.json").resolve()))
+    return dataclasses.replace(cfg, tokenizer=tok)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Sample text from a checkpoint, streaming tokens to the terminal."""
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        stream_sample(
+            Path(args.checkpoint), args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+            args.seed + i, args.device,
+        )  # fmt: skip
+        print()
+    return 0
+
+
+def stream_sample(
+    checkpoint: Path,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int,
+    device: str,
+) -> str:
+    """Generate from ``checkpoint``, printing text as it is produced; returns the completion."""
+    dev = resolve_device(device)
+    model, _, tokenizer = load_model(checkpoint, dev)
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    idx = torch.tensor([ids], dtype=torch.long, device=dev)
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    sys.stdout.write(prompt)
+    new: list[int] = []
+    printed = ""
+    try:
+        steps = iter_generate(model, idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, generator)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    for token in steps:
+        t = int(token[0])
+        if t == tokenizer.eos_id:
+            break
+        new.append(t)
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+    text = tokenizer.decode(new)
+    sys.stdout.write(text[len(printed) :])
+    sys.stdout.flush()
+    return text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parser
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    if required:
+        p.add_argument("config", help="experiment YAML, e.g. experiments/tiny.yaml")
+    else:
+        p.add_argument("--config", default=None, help="experiment YAML (default: the built-in tiny preset)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-3 train.max_seconds=120")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lm`` parser; each subcommand's handler is in ``set_defaults(handler=...)``."""
+    parser = argparse.ArgumentParser(prog="lm", description="Train, evaluate and sample small GPT-style models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="prepare corpora and token caches")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_sub.add_parser("prepare", help="train/load the tokenizer and tokenize the corpus into data/")
+    _add_config_args(p, required=False)
+    p.set_defaults(handler=cmd_data_prepare)
+
+    p = sub.add_parser("tokenizer", help="train or inspect a byte-level BPE tokenizer")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    p = tok_sub.add_parser("train", help="train a tokenizer on text files")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--out", default="tokenizer.json")
+    p.set_defaults(handler=cmd_tokenizer_train)
+    p = tok_sub.add_parser("encode", help="show the tokens of a text")
+    p.add_argument("tokenizer")
+    p.add_argument("text")
+    p.set_defaults(handler=cmd_tokenizer_encode)
+
+    p = sub.add_parser("train", help="train a model (in this process with --local)")
+    _add_config_args(p)
+    p.add_argument("--out", help="run directory (train.out_dir)")
+    p.add_argument("--local", action="store_true", help="run in this process, without Ray")
+    p.add_argument("--restart", action="store_true", help="ignore checkpoints in the run directory")
+    p.add_argument("--no-sample", action="store_true", help="skip the sample printed after training")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity and bits per byte of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--split", default="val")
+    p.add_argument("--baseline", help="also score a transformers causal LM: 'gpt2' (needs the hub) or a local dir")
+    p.add_argument("--baseline-window", type=int, default=None, help="baseline window (default: its context)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", default="ROMEO:")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(handler=cmd_generate)
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None, errors: tuple[type[Exception], ...]) -> int:
+    """Parse, dispatch, and turn user errors into one line on stderr with exit code 2."""
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.handler(args)
+    except errors as exc:
+        print(f"lm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lm`` (and ``python -m lm``)."""
+    return run(build_parser(), argv, USER_ERRORS)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,246 @@
+"""A decoder-only transformer language model in one file (after nanoGPT's model.py).
+
+Token embedding (scaled by sqrt(n_embd)) + fixed sinusoidal positions -> n_layer pre-LayerNorm blocks
+(causal multi-head self-attention, GELU MLP) -> final LayerNorm -> output projection tied to the embedding.
+Shapes: B batch, T sequence length, C = n_embd, V = vocab_size, S = keys attended (cache length + T).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lm.config import ModelConfig
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Fixed sin/cos position table of Vaswani et al. (2017); a buffer, so nothing to learn or to save."""
+
+    def __init__(self, n_embd: int, max_len: int) -> None:
+        super().__init__()
+        position = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)  # (max_len, 1)
+        inv_freq = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / n_embd))
+        table = torch.zeros(max_len, n_embd)
+        table[:, 0::2] = torch.sin(position * inv_freq)
+        table[:, 1::2] = torch.cos(position * inv_freq[: n_embd // 2])  # odd n_embd has one cos column fewer
+        # Non-persistent: rebuilt from the config, so checkpoints hold only what training changed.
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, T: int, offset: int = 0) -> Tensor:
+        """Encodings of positions offset .. offset + T - 1: (T, C), a view of the table."""
+        if offset < 0 or offset + T > self.table.size(0):
+            raise ValueError(f"positions {offset}..{offset + T - 1} are outside 0..{self.table.size(0) - 1}")
+        return self.table[offset : offset + T]
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to block_size, for incremental decoding.
+
+    ``update`` writes a layer's new keys/values after the ``length`` already cached; ``TransformerLM.forward_cached``
+    advances ``length`` once every layer has been updated.
+    """
+
+    def __init__(
+        self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int, device, dtype
+    ) -> None:
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, n_head, T, head_dim) of ``layer``; return all its keys and values (B, n_head, S, head_dim)."""
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention: fused SDPA kernel, or an explicit masked softmax that can return weights."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.head_dim
+        self.n_embd = cfg.n_embd
+        self.dropout = cfg.dropout
+        self.explicit = cfg.attention == "explicit"
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        if self.explicit:
+            mask = torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool).tril()  # True = may attend
+            self.register_buffer("mask", mask, persistent=False)
+
+    def forward(
+        self, x: Tensor, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend causally over x (B, T, C) and the cached keys; return (B, T, C) and weights (B, n_head, T, S)."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, T, C) -> (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        start = 0  # absolute position of the first query
+        if cache is not None:
+            start = cache.length
+            k, v = cache.update(layer, k, v)  # (B, n_head, S, head_dim), S = start + T
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            if not self.explicit:
+                raise ValueError("need_weights=True needs model.attention='explicit' (the fused kernel hides them)")
+            y, weights = self._explicit(q, k, v, start, dropout_p)
+        elif self.explicit:
+            y, _ = self._explicit(q, k, v, start, dropout_p)
+        else:
+            y = self._fused(q, k, v, start, dropout_p)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, n_head, T, head_dim) -> (B, T, C); a view for SDPA's output
+        return self.resid_dropout(self.c_proj(y)), weights
+
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor, start: int, dropout_p: float) -> Tensor:
+        T, S = q.size(2), k.size(2)
+        if start == 0:  # no cache: the kernel's own (top-left aligned) causal mask is the right one
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if T == 1:  # one new token sees every earlier key: no mask at all
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        # Several new queries after a cache: query i sits at position start + i and sees keys 0 .. start + i.
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, start: int, dropout_p: float) -> tuple[Tensor, Tensor]:
+        T, S = q.size(2), k.size(2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, n_head, T, S)
+        att = att.masked_fill(~self.mask[start : start + T, :S], float("-inf"))  # rows = absolute query positions
+        weights = att.softmax(dim=-1)
+        att = F.dropout(weights, dropout_p, training=True) if dropout_p > 0 else weights
+        return att @ v, weights  # (B, n_head, T, S) @ (B, n_head, S, head_dim) -> (B, n_head, T, head_dim)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: Linear -> GELU -> Linear -> dropout."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T, mlp_hidden) -> (B, T, C)."""
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = MultiHeadAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """(B, T, C) -> (B, T, C); with a cache, x holds only the new positions."""
+        x = x + self.attn(self.ln_1(x), cache, layer)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class TransformerLM(nn.Module):
+    """GPT-style decoder-only language model: token ids (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        # Vaswani et al. scale embeddings by sqrt(n_embd) so that, at std 0.02, they are not drowned by the
+        # unit-amplitude sinusoidal positions added to them.
+        self.emb_scale = math.sqrt(cfg.n_embd)
+        self.pos_enc = SinusoidalPositionalEncoding(cfg.n_embd, cfg.block_size)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight  # one Parameter, two uses (Press & Wolf, 2017)
+        self.apply(self._init_weights)
+        # GPT-2: each residual branch's output projection is scaled down so the residual stream's variance
+        # does not grow with depth (2 residual additions per layer).
+        for block in self.blocks:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Number of parameters, a tied weight counted once; ``non_embedding`` leaves out the token embedding."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared Parameter once
+        return n - self.tok_emb.weight.numel() if non_embedding else n
+
+    def _embed(self, idx: Tensor, offset: int) -> Tensor:
+        T = idx.size(1)
+        if offset + T > self.cfg.block_size:
+            raise ValueError(
+                f"sequence of {offset + T} tokens is longer than model.block_size={self.cfg.block_size}; "
+                "crop the input to the last block_size tokens"
+            )
+        pos = self.pos_enc(T, offset)  # (T, C), a slice of the precomputed table
+        x = torch.add(pos, self.tok_emb(idx), alpha=self.emb_scale)  # pos + scale * emb: (B, T, C) in one op
+        return self.drop(x)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, V) for token ids idx (B, T); with targets (B, T), already the next tokens, also the mean
+        cross-entropy (positions with target -100 ignored)."""
+        x = self._embed(idx, 0)  # (B, T, C)
+        checkpointing = self.cfg.gradient_checkpointing and self.training
+        for block in self.blocks:
+            # Checkpointing trades compute for memory: activations inside a block are recomputed in backward.
+            x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, C) -> (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def new_kv_cache(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """An empty cache for ``forward_cached`` on the model's device and dtype unless given."""
+        weight = self.tok_emb.weight
+        return KVCache(
+            self.cfg.n_layer,
+            batch_size,
+            self.cfg.n_head,
+            self.cfg.block_size,
+            self.cfg.head_dim,
+            device=weight.device if device is None else device,
+            dtype=weight.dtype if dtype is None else dtype,
+        )
+
+    def forward_cached(self, idx: Tensor, cache: KVCache) -> Tensor:
+        """Logits (B, t, V) of new tokens idx (B, t) that follow the ``cache.length`` tokens already cached;
+        appends their keys and values. Prefill with the whole prompt, then feed one token at a time."""
+        B, t = idx.shape
+        if B != cache.batch_size:
+            raise ValueError(f"batch of {B} rows does not match the cache's batch_size={cache.batch_size}")
+        if t < 1:
+            raise ValueError("forward_cached needs at least one new token")
+        x = self._embed(idx, cache.length)  # raises if cache.length + t > block_size
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        cache.length += t
+        return self.lm_head(self.ln_f(x))  # (B, t, C) -> (B, t, V)

@@ -100,18 +100,9 @@ class Tokenizer:
 
     def chunk_text(self, text: str, max_chars: int = 1 << 18) -> list[str]:
         """Split ``text`` into pieces of about ``max_chars`` whose encodings concatenate to ``encode(text)``."""
-        if len(text) <= max_chars or not self._splits_at_newlines():
+        if not self._splits_at_newlines():
             return [text]
-        pieces: list[str] = []
-        start = 0
-        while len(text) - start > max_chars:
-            match = _SAFE_BOUNDARY.search(text, start + max_chars)
-            if match is None:
-                break
-            pieces.append(text[start : match.end()])
-            start = match.end()
-        pieces.append(text[start:])
-        return pieces
+        return _split_at_safe_boundaries(text, max_chars)
 
     def to_json(self) -> str:
         """The tokenizer as ``tokenizer.json`` text."""
@@ -195,9 +186,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    probe = Tokenizer.__new__(Tokenizer)  # only for chunk_text's boundary rule, which needs no vocabulary
-    probe._hf = hf
-    hf.train_from_iterator(_training_pieces(texts_or_files, probe), trainer=trainer)
+    hf.train_from_iterator(_training_pieces(texts_or_files), trainer=trainer)
     return Tokenizer(hf)
 
 
@@ -230,7 +219,20 @@ def _check_text(text: str, what: str = "text") -> None:
         ) from None
 
 
-def _training_pieces(texts_or_files: Iterable[str] | str | Path | list[Path], probe: Tokenizer) -> Iterator[str]:
+def _split_at_safe_boundaries(text: str, max_chars: int) -> list[str]:
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > max_chars:
+        match = _SAFE_BOUNDARY.search(text, start + max_chars)
+        if match is None:
+            break
+        pieces.append(text[start : match.end()])
+        start = match.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+def _training_pieces(texts_or_files: Iterable[str] | str | Path | list[Path]) -> Iterator[str]:
     if isinstance(texts_or_files, (str, Path)):
         texts_or_files = [Path(texts_or_files)]
     for item in texts_or_files:
@@ -243,4 +245,4 @@ def _training_pieces(texts_or_files: Iterable[str] | str | Path | list[Path], pr
             text = item
         _check_text(text, "training text")
         # Pieces let the trainer count words in parallel; the boundaries leave the word counts unchanged.
-        yield from probe.chunk_text(text)
+        yield from _split_at_safe_boundaries(text, 1 << 18)

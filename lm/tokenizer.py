@@ -57,6 +57,7 @@ class Tokenizer:
         self._pad_id = pad if pad is not None else eos
         self._vocab_size = hf.get_vocab_size(with_added_tokens=True)
         self._sha256: str | None = None
+        self._chunkable: bool | None = None
 
     @property
     def hf(self) -> HFTokenizer:
@@ -138,7 +139,9 @@ class Tokenizer:
         try:
             hf = HFTokenizer.from_str(path.read_text(encoding="utf-8"))
         except Exception as exc:  # tokenizers raises bare Exception for malformed JSON
-            raise TokenizerError(f"tokenizer file {str(path)!r} is not a valid tokenizer.json: {exc}") from exc
+            raise TokenizerError(
+                f"tokenizer file {str(path)!r} is not a valid tokenizer.json: {exc}"
+            ) from exc
         try:
             return cls(hf)
         except TokenizerError as exc:
@@ -149,14 +152,16 @@ class Tokenizer:
 
     def _splits_at_newlines(self) -> bool:
         # Only our own configuration is known to be chunk-safe; a loaded foreign tokenizer is encoded whole.
-        spec: dict[str, Any] = json.loads(self._hf.to_str())
-        pre = spec.get("pre_tokenizer") or {}
-        return (
-            spec.get("normalizer") is None
-            and pre.get("type") == "ByteLevel"
-            and not pre.get("add_prefix_space")
-            and pre.get("use_regex", True)
-        )
+        if self._chunkable is None:
+            spec: dict[str, Any] = json.loads(self._hf.to_str())
+            pre = spec.get("pre_tokenizer") or {}
+            self._chunkable = (
+                spec.get("normalizer") is None
+                and pre.get("type") == "ByteLevel"
+                and not pre.get("add_prefix_space")
+                and pre.get("use_regex", True)
+            )
+        return self._chunkable
 
 
 def train_tokenizer(

@@ -185,7 +185,8 @@ def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], 
 
 
 def _is_tied(model: torch.nn.Module, name: str) -> bool:
-    return name == "lm_head.weight" and getattr(getattr(model, "config", None), "tie_weights", False)
+    head, emb = getattr(model, "lm_head", None), getattr(model, "tok_emb", None)
+    return name == "lm_head.weight" and head is not None and emb is not None and head.weight is emb.weight
 
 
 def load_model(

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lm.checkpoint import CheckpointError, load_model
-from lm.config import ConfigError, ExperimentConfig, load_config
+from lm.config import ConfigError, ExperimentConfig, SampleConfig, load_config
 from lm.data import DataError, prepare_data
 from lm.evaluate import EvalError, evaluate_hf_baseline, evaluate_split, format_report
 from lm.generate import iter_generate
@@ -157,6 +157,7 @@ def stream_sample(
     device: str,
 ) -> str:
     """Generate from ``checkpoint``, printing text as it is produced; returns the completion."""
+    SampleConfig(prompt, max_new_tokens, temperature, top_k, top_p, seed=seed)  # ConfigError on bad arguments
     dev = resolve_device(device)
     model, _, tokenizer = load_model(checkpoint, dev)
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
@@ -165,11 +166,7 @@ def stream_sample(
     sys.stdout.write(prompt)
     new: list[int] = []
     printed = ""
-    try:
-        steps = iter_generate(model, idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, generator)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    for token in steps:
+    for token in iter_generate(model, idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, generator):
         t = int(token[0])
         if t == tokenizer.eos_id:
             break

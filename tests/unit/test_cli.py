@@ -66,7 +66,7 @@ def test_user_mistakes_print_one_line_and_exit_2(argv: list[str], message: str) 
 
 
 def test_bad_sampling_argument_is_a_user_error(toy_args, tmp_path: Path, capsys) -> None:
-    assert main(["train", "--local", *[str(REPO / "experiments" / "tiny.yaml")], *toy_args(train__max_steps=2),
+    assert main(["train", "--local", *[str(REPO / "experiments" / "tiny.yaml")], *toy_args(train__max_steps=6),
                  "--no-sample"]) == 0  # fmt: skip
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "run" / "best"), "--top-p", "1.5"]) == 2

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +73,19 @@ def test_hf_baseline_scores_a_locally_built_gpt2(tmp_path: Path, small_text: str
     assert "bits/byte" in format_report([result])
 
 
-def test_hf_baseline_offline_fails_with_a_clear_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
-    with pytest.raises(EvalError, match=r"cannot load baseline 'gpt2': the Hugging Face hub is not reachable"):
-        evaluate_hf_baseline("gpt2", "some text")
-    with pytest.raises(EvalError, match="does not hold a transformers causal LM"):
-        evaluate_hf_baseline(str(tmp_path), "some text")
+def test_hf_baseline_offline_fails_with_a_clear_message(tmp_path: Path) -> None:
+    # huggingface_hub reads HF_HUB_OFFLINE at import, so the offline run needs a fresh interpreter.
+    code = (
+        "from lm.evaluate import EvalError, evaluate_hf_baseline\n"
+        "import sys\n"
+        "for source in ('gpt2', sys.argv[1]):\n"
+        "    try:\n"
+        "        evaluate_hf_baseline(source, 'some text')\n"
+        "    except EvalError as exc:\n"
+        "        print(exc)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("cannot load baseline 'gpt2': the Hugging Face hub is not reachable")
+    assert f"cannot load baseline '{tmp_path}': that directory does not hold a transformers causal LM" in proc.stdout

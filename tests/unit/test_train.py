@@ -57,7 +57,7 @@ def test_loss_goes_down_and_reports_are_complete(toy_cfg) -> None:
 def test_a_model_overfits_a_short_text(toy_cfg, tmp_path: Path) -> None:
     corpus = tmp_path / "short.txt"
     corpus.write_text("To be, or not to be, that is the question. " * 200)
-    cfg = toy_cfg(data__corpus=corpus, optim__lr=1e-2, train__max_steps=120, model__vocab_size=260)
+    cfg = toy_cfg(data__corpus=corpus, optim__lr=1e-2, optim__warmup_steps=50, train__max_steps=400, model__vocab_size=300)
     result = train(cfg)
     assert result.metrics["val_loss"] < 0.3
 

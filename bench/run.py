@@ -1,0 +1,225 @@
+"""Benchmarks: training throughput against transformers' GPT-2, KV-cache generation, and MFU.
+
+    python -m bench.run                       # everything, on CPU with the current thread count
+    python -m bench.run --only train --device cuda --amp bf16
+
+Speeds of two models are measured alternately in one process (the same process can run 25% faster or slower
+than the next), and the ratio is the number to compare. Prints tables and writes bench/results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lm.config import ModelConfig
+from lm.generate import generate
+from lm.model import TransformerLM
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TRAIN_SHAPES = {  # name: (model overrides, batch, block)
+    "tiny": (dict(n_embd=128, n_layer=2, n_head=4), 32, 128),
+    "n384-l6": (dict(n_embd=384, n_layer=6, n_head=6), 8, 256),
+}
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gpt2_like(cfg: ModelConfig) -> torch.nn.Module:
+    """transformers' GPT2LMHeadModel at the same shape (learned positions, no dropout, tied embeddings)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, n_inner=cfg.mlp_hidden, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    return GPT2LMHeadModel(hf)
+
+
+def train_step_fn(model: torch.nn.Module, batch: int, block: int, vocab: int, device: torch.device, amp: str | None,
+                  hf: bool) -> Callable[[], None]:  # fmt: skip
+    """One forward + backward + AdamW step on a fixed random batch."""
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (batch, block), generator=g).to(device)
+    y = torch.randint(0, vocab, (batch, block), generator=g).to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+
+    def step() -> None:
+        with ctx():
+            loss = model(input_ids=x, labels=x).loss if hf else model(x, y)[1]
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_steps(step: Callable[[], None], n: int, device: torch.device) -> float:
+    """Seconds per step over ``n`` steps."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def bench_train(device: torch.device, amp: str | None, rounds: int, steps: int, compile_: bool) -> list[dict]:
+    """Tokens/s of TransformerLM vs GPT2LMHeadModel, alternating, per shape."""
+    rows = []
+    for name, (over, batch, block) in TRAIN_SHAPES.items():
+        cfg = ModelConfig(vocab_size=2048, block_size=block, **over)
+        torch.manual_seed(0)
+        ours_model = TransformerLM(cfg)
+        if compile_:
+            ours_model = torch.compile(ours_model)
+        ours = train_step_fn(ours_model, batch, block, cfg.vocab_size, device, amp, hf=False)
+        theirs = train_step_fn(gpt2_like(cfg), batch, block, cfg.vocab_size, device, amp, hf=True)
+        for fn in (ours, theirs):  # warm up allocators, kernels, compilation
+            time_steps(fn, 3, device)
+        t_ours, t_theirs = [], []
+        for _ in range(rounds):
+            t_ours.append(time_steps(ours, steps, device))
+            t_theirs.append(time_steps(theirs, steps, device))
+        tokens = batch * block
+        ours_tps, theirs_tps = tokens / statistics.median(t_ours), tokens / statistics.median(t_theirs)
+        flops = training_flops_per_token(cfg, block)
+        rows.append({
+            "shape": name, "batch": batch, "block": block, "params": TransformerLM(cfg).num_parameters(),
+            "ours_tokens_per_s": ours_tps, "gpt2_tokens_per_s": theirs_tps, "ratio": ours_tps / theirs_tps,
+            "ours_gflops": ours_tps * flops / 1e9, "flops_per_token": flops,
+        })  # fmt: skip
+    return rows
+
+
+def training_flops_per_token(cfg: ModelConfig, block: int) -> float:
+    """6 x matmul parameters (the output projection included, the embedding lookup not) + attention's 12·L·C·T."""
+    per_layer = 4 * cfg.n_embd * cfg.n_embd + 2 * cfg.n_embd * cfg.mlp_hidden
+    matmul_params = cfg.n_layer * per_layer + cfg.vocab_size * cfg.n_embd
+    return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * block
+
+
+def bench_matmul_peak(device: torch.device, size: int = 1024, n: int = 20) -> float:
+    """Measured fp32 matmul GFLOP/s: the denominator of MFU."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / n)
+    return 2 * size**3 / best / 1e9
+
+
+def bench_generate(device: torch.device, new_tokens: int = 256, prompt: int = 16) -> list[dict]:
+    """Tokens/s of generation with the KV cache against full recomputation."""
+    rows = []
+    for name, (over, _, _) in TRAIN_SHAPES.items():
+        # block 512 so that 16 + 256 tokens fit: positions are sinusoidal, the parameter count is unchanged
+        cfg = ModelConfig(vocab_size=2048, block_size=512, **over)
+        torch.manual_seed(0)
+        model = TransformerLM(cfg).to(device).eval()
+        for batch in (1, 8):
+            idx = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
+            row = {"shape": name, "batch": batch, "new_tokens": new_tokens}
+            for use_cache in (True, False):
+                g = torch.Generator(device=device).manual_seed(0)
+                generate(model, idx, 8, top_k=50, generator=g, use_cache=use_cache)  # warm-up
+                sync(device)
+                t0 = time.perf_counter()
+                generate(model, idx, new_tokens, top_k=50, generator=g, use_cache=use_cache)
+                sync(device)
+                row["cache_tokens_per_s" if use_cache else "recompute_tokens_per_s"] = (
+                    batch * new_tokens / (time.perf_counter() - t0)
+                )
+            row["speedup"] = row["cache_tokens_per_s"] / row["recompute_tokens_per_s"]
+            rows.append(row)
+    return rows
+
+
+def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """A plain right-aligned table; ``columns`` are (key, format spec) pairs."""
+    print(f"\n{title}")
+    table = [[key for key, _ in columns]] + [[format(r[key], fmt) for key, fmt in columns] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    for row in table:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected benchmarks, print tables, write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="train,generate,mfu", help="comma list of: train, generate, mfu")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--name", default=None, help="results file name (default: from device and options)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    only = set(args.only.split(","))
+    results: dict = {
+        "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "amp": args.amp, "compile": args.compile,
+        "machine": platform.machine(), "cpu_count": os.cpu_count(), "loadavg_before": os.getloadavg(),
+    }  # fmt: skip
+    print(f"device {device}, {results['threads']} threads, torch {torch.__version__}, amp {args.amp or 'off'}, "
+          f"compile {args.compile}, load average {results['loadavg_before'][0]:.2f}")  # fmt: skip
+    if "mfu" in only or "train" in only:
+        results["matmul_peak_gflops"] = bench_matmul_peak(device)
+        print(f"fp32 matmul peak: {results['matmul_peak_gflops']:.0f} GFLOP/s")
+    if "train" in only:
+        rows = bench_train(device, args.amp, args.rounds, args.steps, args.compile)
+        for r in rows:
+            r["mfu"] = r["ours_gflops"] / results["matmul_peak_gflops"]
+        results["train"] = rows
+        print_table("training throughput (forward + backward + AdamW), alternating in one process", rows, [
+            ("shape", ""), ("batch", "d"), ("block", "d"), ("params", ","), ("ours_tokens_per_s", ",.0f"),
+            ("gpt2_tokens_per_s", ",.0f"), ("ratio", ".2f"), ("ours_gflops", ".1f"), ("mfu", ".1%"),
+        ])  # fmt: skip
+    if "generate" in only:
+        rows = bench_generate(device)
+        results["generate"] = rows
+        print_table("generation: 256 new tokens after a 16-token prompt", rows, [
+            ("shape", ""), ("batch", "d"), ("cache_tokens_per_s", ",.0f"), ("recompute_tokens_per_s", ",.0f"),
+            ("speedup", ".1f"),
+        ])  # fmt: skip
+    results["loadavg_after"] = os.getloadavg()
+    RESULTS.mkdir(exist_ok=True)
+    name = args.name or f"{device.type}-{args.amp or 'fp32'}{'-compile' if args.compile else ''}"
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -46,16 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     """Run the sweep and print a table sorted by validation perplexity."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=str(REPO / "experiments" / "tiny.yaml"))
-    parser.add_argument("--run", action="append", required=True, help="'name: override override ...'")
+    parser.add_argument("--run", action="append", default=[], help="'name: override override ...'")
+    parser.add_argument("--runs-file", help="a file of such lines ('#' starts a comment)")
+    parser.add_argument("--common", default="", help="overrides added to every run, e.g. 'train.amp=off'")
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the rows here too")
     args = parser.parse_args(argv)
+    lines = list(args.run)
+    if args.runs_file:
+        lines += [ln.split("#")[0].strip() for ln in Path(args.runs_file).read_text().splitlines()]
     specs = []
-    for item in args.run:
+    for item in filter(None, lines):
         name, _, rest = item.partition(":")
-        specs.append((name.strip(), rest.split()))
+        specs.append((name.strip(), [*args.common.split(), *rest.split()]))
+    if not specs:
+        parser.error("give at least one --run or a --runs-file")
     out_root = Path(tempfile.mkdtemp(prefix="lmlab-sweep-"))
     with ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(lambda s: run_one(s[0], s[1], args.base, args.device, out_root, args.threads), specs))

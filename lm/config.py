@@ -441,6 +441,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} is not a number")
         return number
     if hint is str:
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans: `amp: off` means "off"
+            return "on" if value else "off"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}={value!r} is not a string")
         return str(value)

@@ -96,13 +96,13 @@ class MultiHeadAttention(nn.Module):
         weights = None
         if need_weights:
             if not self.explicit:
-                raise ValueError("need_weights=True needs model.attention='explicit' (the fused kernel hides them)")
+                raise ValueError("need_weights=True needs model.attention='explicit'")
             y, weights = self._explicit(q, k, v, start, dropout_p)
         elif self.explicit:
             y, _ = self._explicit(q, k, v, start, dropout_p)
         else:
             y = self._fused(q, k, v, start, dropout_p)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, n_head, T, head_dim) -> (B, T, C); a view for SDPA's output
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, n_head, T, head_dim) -> (B, T, C), a view after SDPA
         return self.resid_dropout(self.c_proj(y)), weights
 
     def _fused(self, q: Tensor, k: Tensor, v: Tensor, start: int, dropout_p: float) -> Tensor:
@@ -115,12 +115,13 @@ class MultiHeadAttention(nn.Module):
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, start: int, dropout_p: float) -> tuple[Tensor, Tensor]:
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, start: int, p: float) -> tuple[Tensor, Tensor]:
         T, S = q.size(2), k.size(2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, n_head, T, S)
-        att = att.masked_fill(~self.mask[start : start + T, :S], float("-inf"))  # rows = absolute query positions
+        # Rows of the mask are absolute query positions: after a cache, query i sits at start + i.
+        att = att.masked_fill(~self.mask[start : start + T, :S], float("-inf"))
         weights = att.softmax(dim=-1)
-        att = F.dropout(weights, dropout_p, training=True) if dropout_p > 0 else weights
+        att = F.dropout(weights, p, training=True) if p > 0 else weights
         return att @ v, weights  # (B, n_head, T, S) @ (B, n_head, S, head_dim) -> (B, n_head, T, head_dim)
 
 

@@ -40,6 +40,12 @@ def test_scientific_notation_without_dot_is_a_float(tmp_path: Path) -> None:
     assert cfg.train.max_steps == 10000 and isinstance(cfg.train.max_steps, int)
 
 
+def test_yaml_booleans_in_string_fields_mean_on_and_off(tmp_path: Path) -> None:
+    # YAML 1.1 reads `off` as False; train.amp=off must still mean "off".
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    assert load_config(write(tmp_path / "x.yaml", "train:\n  amp: off\n")).train.amp == "off"
+
+
 def test_dotted_overrides_apply_after_the_file(tmp_path: Path) -> None:
     path = write(tmp_path / "x.yaml", "model:\n  n_layer: 3\n")
     cfg = load_config(path, ["model.n_layer=4", "optim.lr=3e-4", "train.compile=true", "sample.top_k=null"])

@@ -32,7 +32,9 @@ def run_one(name: str, overrides: list[str], base: str, device: str, out_root: P
         "train.checkpoint_interval=0", *overrides,
     ]  # fmt: skip
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     row = {"name": name, "overrides": " ".join(overrides), "wall_s": round(time.time() - t0, 1)}
     metrics = out / "best" / "metrics.json"
     if proc.returncode == 0 and metrics.is_file():
@@ -44,7 +46,9 @@ def run_one(name: str, overrides: list[str], base: str, device: str, out_root: P
 
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep and print a table sorted by validation perplexity."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base", default=str(REPO / "experiments" / "tiny.yaml"))
     parser.add_argument("--run", action="append", default=[], help="'name: override override ...'")
     parser.add_argument("--runs-file", help="a file of such lines ('#' starts a comment)")
@@ -65,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give at least one --run or a --runs-file")
     out_root = Path(tempfile.mkdtemp(prefix="lmlab-sweep-"))
     with ThreadPoolExecutor(args.parallel) as pool:
-        rows = list(pool.map(lambda s: run_one(s[0], s[1], args.base, args.device, out_root, args.threads), specs))
+        rows = list(
+            pool.map(lambda s: run_one(s[0], s[1], args.base, args.device, out_root, args.threads), specs)
+        )
     rows.sort(key=lambda r: r.get("val_ppl", float("inf")))
     print(f"{'name':<14} {'val ppl':>8} {'bits/B':>7} {'steps':>6} {'wall s':>7}  overrides")
     for r in rows:

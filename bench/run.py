@@ -172,7 +172,9 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) ->
 
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmarks, print tables, write JSON."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", default="train,generate,mfu", help="comma list of: train, generate, mfu")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)

@@ -143,7 +143,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint directory; any missing or corrupt file raises CheckpointError naming it."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory (expected {WEIGHTS}, {CONFIG}, {TOKENIZER})")
+        raise CheckpointError(
+            f"{path}: not a checkpoint directory (expected {WEIGHTS}, {CONFIG}, {TOKENIZER})"
+        )
     for name in (WEIGHTS, CONFIG, TOKENIZER):
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing; is {path} a checkpoint directory?")
@@ -246,7 +248,11 @@ class CheckpointManager:
         """Complete step checkpoints, oldest first (temp dirs of interrupted saves are ignored)."""
         if not self.out_dir.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.out_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+        found = [
+            (int(m.group(1)), p)
+            for p in self.out_dir.iterdir()
+            if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+        ]
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Path | None:

@@ -97,7 +97,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def print_sample(checkpoint: Path, cfg: ExperimentConfig) -> None:
     """Print one sample from ``checkpoint`` with the experiment's sampling defaults."""
     s = cfg.sample
-    print(f"\n--- sample (prompt {s.prompt!r}, temperature {s.temperature}, top-k {s.top_k}, top-p {s.top_p}) ---")
+    print(
+        f"\n--- sample (prompt {s.prompt!r}, temperature {s.temperature}, top-k {s.top_k}, top-p {s.top_p}) ---"
+    )
     stream_sample(checkpoint, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.top_p, s.seed, "cpu")
     print("\n---")
 
@@ -108,7 +110,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, cfg, _ = load_model(args.checkpoint, device)
     data = prepare_data(_with_tokenizer(cfg, Path(args.checkpoint)), progress=True)
     if args.split not in data.splits:
-        raise DataError(f"--split {args.split!r}: corpus {cfg.data.corpus!r} has splits {', '.join(data.splits)}")
+        raise DataError(
+            f"--split {args.split!r}: corpus {cfg.data.corpus!r} has splits {', '.join(data.splits)}"
+        )
     results = [
         evaluate_split(
             model, data.tokens(args.split), data.num_bytes(args.split), cfg.model.block_size,
@@ -117,7 +121,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     if args.baseline:
         results.append(
-            evaluate_hf_baseline(args.baseline, data.text(args.split), args.split, args.baseline_window, device=device)
+            evaluate_hf_baseline(
+                args.baseline, data.text(args.split), args.split, args.baseline_window, device=device
+            )
         )
     print(format_report(results))
     if args.json:
@@ -166,7 +172,9 @@ def stream_sample(
     sys.stdout.write(prompt)
     new: list[int] = []
     printed = ""
-    for token in iter_generate(model, idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, generator):
+    for token in iter_generate(
+        model, idx, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, generator
+    ):
         t = int(token[0])
         if t == tokenizer.eos_id:
             break
@@ -196,7 +204,9 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``lm`` parser; each subcommand's handler is in ``set_defaults(handler=...)``."""
-    parser = argparse.ArgumentParser(prog="lm", description="Train, evaluate and sample small GPT-style models.")
+    parser = argparse.ArgumentParser(
+        prog="lm", description="Train, evaluate and sample small GPT-style models."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -229,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity and bits per byte of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--split", default="val")
-    p.add_argument("--baseline", help="also score a transformers causal LM: 'gpt2' (needs the hub) or a local dir")
+    p.add_argument(
+        "--baseline", help="also score a transformers causal LM: 'gpt2' (needs the hub) or a local dir"
+    )
     p.add_argument("--baseline-window", type=int, default=None, help="baseline window (default: its context)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")

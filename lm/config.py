@@ -97,7 +97,12 @@ class ModelConfig(_Section):
             self.n_embd,
             f"must be divisible by model.n_head={self.n_head}",
         )
-        _check(self.vocab_size >= 258, "model.vocab_size", self.vocab_size, "must be >= 258 (256 bytes + 2 specials)")
+        _check(
+            self.vocab_size >= 258,
+            "model.vocab_size",
+            self.vocab_size,
+            "must be >= 258 (256 bytes + 2 specials)",
+        )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
 
 
@@ -145,7 +150,9 @@ class OptimConfig(_Section):
 
     def validate(self) -> None:
         self._positive("lr", "eps", "grad_clip")
-        _check(0.0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]")
+        _check(
+            0.0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]"
+        )
         _check(self.weight_decay >= 0.0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
         for name in ("beta1", "beta2"):
@@ -181,7 +188,12 @@ class TrainConfig(_Section):
             "keep_last", "num_threads", "eval_max_batches",
         )  # fmt: skip
         for name in ("eval_interval", "checkpoint_interval"):
-            _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0 (0 = only at the end)")
+            _check(
+                getattr(self, name) >= 0,
+                f"train.{name}",
+                getattr(self, name),
+                "must be >= 0 (0 = only at the end)",
+            )
         _check(
             any(v is not None for v in (self.max_steps, self.max_tokens, self.max_seconds)),
             "train.max_steps",
@@ -255,7 +267,9 @@ def read_raw(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. model.n_layer=4)")
+            raise ConfigError(
+                f"override {item!r} is not of the form section.key=value (e.g. model.n_layer=4)"
+            )
         _set_dotted(raw, key.strip(), _parse_scalar(text))
     return raw
 
@@ -365,7 +379,9 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}"
+        )
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -403,7 +419,16 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+_BOOL_WORDS = {
+    "true": True,
+    "yes": True,
+    "on": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "off": False,
+    "0": False,
+}
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:

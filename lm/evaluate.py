@@ -52,7 +52,12 @@ class EvalResult:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict including the derived numbers (for JSON and MLflow)."""
-        return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+        return {
+            **asdict(self),
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte,
+        }
 
 
 def bits_per_byte(nll_sum: float, n_bytes: int) -> float:
@@ -130,7 +135,9 @@ def load_hf_causal_lm(name_or_path: str, device: str | torch.device = "cpu") -> 
             if not local.exists()
             else "that directory does not hold a transformers causal LM with its tokenizer"
         )
-        raise EvalError(f"cannot load baseline {name_or_path!r}: {hint}. ({type(exc).__name__}: {exc})") from exc
+        raise EvalError(
+            f"cannot load baseline {name_or_path!r}: {hint}. ({type(exc).__name__}: {exc})"
+        ) from exc
     return model.to(device).eval(), tokenizer
 
 
@@ -147,7 +154,9 @@ def evaluate_hf_baseline(
     if not text:
         raise EvalError(f"the {text_name} text is empty")
     model, tokenizer = load_hf_causal_lm(name_or_path, device)
-    n_ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+    n_ctx = getattr(model.config, "n_positions", None) or getattr(
+        model.config, "max_position_embeddings", 1024
+    )
     window = min(window or n_ctx, n_ctx)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     nll, count = score_tokens(_LogitsOnly(model), ids, window, batch_size, device)

@@ -163,3 +163,16 @@ def generate(
     if not steps:
         return idx.clone()
     return torch.cat([idx, torch.stack(steps, dim=1)], dim=1)  # (B, T0) + (B, n) -> (B, T0 + n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lm.generate CHECKPOINT --prompt ...`` is ``lm generate``."""
+    import sys
+
+    from lm.cli import main as cli_main
+
+    return cli_main(["generate", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -27,7 +27,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lm.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, load_weights_into, restore_rng_state
+from lm.checkpoint import (
+    CheckpointManager,
+    capture_rng_state,
+    load_checkpoint,
+    load_weights_into,
+    restore_rng_state,
+)
 from lm.config import ExperimentConfig, OptimConfig, TrainConfig
 from lm.data import BlockSampler, PreparedData, prepare_data
 from lm.evaluate import EvalResult, evaluate_split
@@ -121,7 +127,9 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"train.device={spec!r} but CUDA is not available here; use train.device=auto or cpu")
+        raise TrainError(
+            f"train.device={spec!r} but CUDA is not available here; use train.device=auto or cpu"
+        )
     return device
 
 
@@ -135,7 +143,9 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
         if device.type != "cuda":
-            raise TrainError(f"train.amp=fp16 needs a CUDA device (train.device is {device}); use bf16 or off")
+            raise TrainError(
+                f"train.amp=fp16 needs a CUDA device (train.device is {device}); use bf16 or off"
+            )
         return torch.float16
     return torch.bfloat16
 
@@ -294,8 +304,10 @@ def train(
     loss_count = 0
     try:
         while True:
-            state.elapsed = dist.broadcast(time.perf_counter() - t_start) if tc.max_seconds else (
-                time.perf_counter() - t_start
+            state.elapsed = (
+                dist.broadcast(time.perf_counter() - t_start)
+                if tc.max_seconds
+                else (time.perf_counter() - t_start)
             )
             progress = budget_progress(tc, state.step, state.tokens, state.elapsed)
             if progress >= 1.0 or hooks.should_stop():
@@ -310,7 +322,11 @@ def train(
                 x, y = sampler.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 last_micro = micro == tc.grad_accum_steps - 1
-                sync = contextlib.nullcontext() if last_micro or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+                sync = (
+                    contextlib.nullcontext()
+                    if last_micro or not hasattr(wrapped, "no_sync")
+                    else wrapped.no_sync()
+                )
                 with sync:
                     with autocast:
                         _, loss = wrapped(x, y)
@@ -379,7 +395,9 @@ def train(
             state.step, state.elapsed, final.loss, final.perplexity, final.bits_per_byte, final.tokens,
         )  # fmt: skip
     best = manager.best_path if dist.is_main and manager.best_path.exists() else None
-    return TrainResult(state.step, state.tokens, state.elapsed, out_dir, last_path, best, metrics, history, resumed_from)
+    return TrainResult(
+        state.step, state.tokens, state.elapsed, out_dir, last_path, best, metrics, history, resumed_from
+    )
 
 
 def _eval_metrics(result: EvalResult) -> dict[str, float]:

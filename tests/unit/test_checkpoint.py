@@ -30,12 +30,16 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def cfg():
-    return load_config(None, ["model.vocab_size=300", "model.n_embd=32", "model.n_head=2", "model.block_size=16"])
+    return load_config(
+        None, ["model.vocab_size=300", "model.n_embd=32", "model.n_head=2", "model.block_size=16"]
+    )
 
 
 def test_round_trip_restores_weights_config_tokenizer_and_metrics(tmp_path: Path, cfg, tokenizer) -> None:
     model = TransformerLM(cfg.model)
-    path = save_checkpoint(tmp_path / "ck", model, cfg, tokenizer, metrics={"val_loss": 1.5}, trainer_state={"step": 3})
+    path = save_checkpoint(
+        tmp_path / "ck", model, cfg, tokenizer, metrics={"val_loss": 1.5}, trainer_state={"step": 3}
+    )
     assert sorted(p.name for p in path.iterdir()) == [
         "config.yaml", "metrics.json", "model.safetensors", "tokenizer.json", "trainer.pt",
     ]  # fmt: skip
@@ -87,7 +91,9 @@ def test_compiled_and_plain_checkpoints_interchange(tmp_path: Path, cfg, tokeniz
 def test_errors_name_the_file_and_problem(tmp_path: Path, cfg, tokenizer) -> None:
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         load_checkpoint(tmp_path / "missing")
-    path = save_checkpoint(tmp_path / "ck", TransformerLM(cfg.model), cfg, tokenizer, trainer_state={"step": 1})
+    path = save_checkpoint(
+        tmp_path / "ck", TransformerLM(cfg.model), cfg, tokenizer, trainer_state={"step": 1}
+    )
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt or truncated"):
@@ -104,8 +110,12 @@ def test_errors_name_the_file_and_problem(tmp_path: Path, cfg, tokenizer) -> Non
 
 def test_mismatched_shapes_are_rejected_naming_the_tensor(tmp_path: Path, cfg, tokenizer) -> None:
     path = save_checkpoint(tmp_path / "ck", TransformerLM(cfg.model), cfg, tokenizer)
-    bigger = load_config(None, ["model.vocab_size=300", "model.n_embd=64", "model.n_head=2", "model.block_size=16"])
-    with pytest.raises(CheckpointError, match=r"tensor '[\w.]+' has shape \([\d, ]+\), the model expects \([\d, ]+\)"):
+    bigger = load_config(
+        None, ["model.vocab_size=300", "model.n_embd=64", "model.n_head=2", "model.block_size=16"]
+    )
+    with pytest.raises(
+        CheckpointError, match=r"tensor '[\w.]+' has shape \([\d, ]+\), the model expects \([\d, ]+\)"
+    ):
         ckpt_mod.load_weights_into(TransformerLM(bigger.model), load_checkpoint(path).weights, path)
 
 
@@ -125,7 +135,9 @@ def test_manager_keeps_the_last_n_and_the_best(tmp_path: Path, cfg, tokenizer) -
     manager = CheckpointManager(tmp_path / "run", keep_last=2)
     model = TransformerLM(cfg.model)
     for step, loss in [(10, 3.0), (20, 2.0), (30, 2.5), (40, 2.6)]:
-        manager.save(step, model=model, cfg=cfg, tokenizer=tokenizer, metrics={"val_loss": loss}, trainer_state={})
+        manager.save(
+            step, model=model, cfg=cfg, tokenizer=tokenizer, metrics={"val_loss": loss}, trainer_state={}
+        )
     assert [p.name for p in manager.step_dirs()] == ["step-000030", "step-000040"]
     assert json.loads((manager.best_path / "metrics.json").read_text())["val_loss"] == 2.0
     assert not (manager.best_path / "trainer.pt").exists()  # best is weights only

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lm.config import load_config
-from lm.evaluate import EvalError, bits_per_byte, evaluate_hf_baseline, evaluate_split, format_report
+from lm.evaluate import bits_per_byte, evaluate_hf_baseline, evaluate_split, format_report
 from lm.model import TransformerLM
 from lm.tokenizer import train_tokenizer
 
@@ -22,7 +22,9 @@ from lm.tokenizer import train_tokenizer
 @pytest.fixture(scope="module")
 def model() -> TransformerLM:
     torch.manual_seed(0)
-    cfg = load_config(None, ["model.vocab_size=300", "model.n_embd=32", "model.n_head=2", "model.block_size=16"])
+    cfg = load_config(
+        None, ["model.vocab_size=300", "model.n_embd=32", "model.n_head=2", "model.block_size=16"]
+    )
     return TransformerLM(cfg.model).eval()
 
 
@@ -58,9 +60,13 @@ def test_hf_baseline_scores_a_locally_built_gpt2(tmp_path: Path, small_text: str
 
     tok = train_tokenizer([small_text], vocab_size=300)
     tok.save(tmp_path / "tokenizer.json")
-    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="<|endoftext|>")
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="<|endoftext|>"
+    )
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=hf_tok.vocab_size, n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=hf_tok.vocab_size, n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    )
     gpt2.save_pretrained(tmp_path / "tiny-gpt2")
     hf_tok.save_pretrained(tmp_path / "tiny-gpt2")
     text = small_text[:3000]
@@ -85,7 +91,12 @@ def test_hf_baseline_offline_fails_with_a_clear_message(tmp_path: Path) -> None:
         "        print(exc)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("cannot load baseline 'gpt2': the Hugging Face hub is not reachable")
-    assert f"cannot load baseline '{tmp_path}': that directory does not hold a transformers causal LM" in proc.stdout
+    assert (
+        f"cannot load baseline '{tmp_path}': that directory does not hold a transformers causal LM"
+        in proc.stdout
+    )

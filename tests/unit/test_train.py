@@ -57,7 +57,13 @@ def test_loss_goes_down_and_reports_are_complete(toy_cfg) -> None:
 def test_a_model_overfits_a_short_text(toy_cfg, tmp_path: Path) -> None:
     corpus = tmp_path / "short.txt"
     corpus.write_text("To be, or not to be, that is the question. " * 200)
-    cfg = toy_cfg(data__corpus=corpus, optim__lr=1e-2, optim__warmup_steps=50, train__max_steps=400, model__vocab_size=300)
+    cfg = toy_cfg(
+        data__corpus=corpus,
+        optim__lr=1e-2,
+        optim__warmup_steps=50,
+        train__max_steps=400,
+        model__vocab_size=300,
+    )
     result = train(cfg)
     assert result.metrics["val_loss"] < 0.3
 
@@ -65,8 +71,12 @@ def test_a_model_overfits_a_short_text(toy_cfg, tmp_path: Path) -> None:
 def test_gradient_accumulation_equals_one_bigger_batch(toy_cfg, tmp_path: Path) -> None:
     # Adam's first moment after one step is (1 - beta1) * grad: compare it between the two runs.
     common = dict(train__max_steps=1, optim__warmup_steps=0, optim__grad_clip=None, optim__weight_decay=0.0)
-    a = train(toy_cfg(train__batch_size=8, train__grad_accum_steps=1, train__out_dir=tmp_path / "a", **common))
-    b = train(toy_cfg(train__batch_size=4, train__grad_accum_steps=2, train__out_dir=tmp_path / "b", **common))
+    a = train(
+        toy_cfg(train__batch_size=8, train__grad_accum_steps=1, train__out_dir=tmp_path / "a", **common)
+    )
+    b = train(
+        toy_cfg(train__batch_size=4, train__grad_accum_steps=2, train__out_dir=tmp_path / "b", **common)
+    )
     state_a = load_checkpoint(a.last_checkpoint).trainer_state()["optimizer"]["state"]
     state_b = load_checkpoint(b.last_checkpoint).trainer_state()["optimizer"]["state"]
     assert state_a.keys() == state_b.keys()

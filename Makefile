@@ -33,6 +33,12 @@ eval: setup ## evaluate a checkpoint: make eval CKPT=runs/tiny/best
 generate: setup ## sample from a checkpoint: make generate CKPT=runs/tiny/best ARGS='--prompt "ROMEO:"'
 	$(BIN)/lm generate $(CKPT) $(ARGS)
 
+mlflow-ui: setup ## browse runs, metrics and artifacts at http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
+
+job: setup ## submit `lm train EXP` to the Ray cluster at RAY_ADDRESS; runs and the MLflow store stay in this checkout
+	$(BIN)/ray job submit --working-dir . -- python -m lmplatform train $(EXP) ray.storage_path=$(CURDIR)/runs tracking.uri=sqlite:///$(CURDIR)/mlflow.db tracking.artifact_location=$(CURDIR)/mlartifacts $(ARGS)
+
 bench: setup ## throughput, generation and MFU benchmarks (print a table, write bench/results/*.json)
 	$(BIN)/python -m bench.run $(ARGS)
 

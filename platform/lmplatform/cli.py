@@ -1,0 +1,176 @@
+"""The ``lm`` console script: lm's parser, with ``train`` run on Ray Train + MLflow and a ``runs`` verb.
+
+``lm train CONFIG [overrides]`` trains on Ray (``ray:`` section), tracked in MLflow (``tracking:`` section);
+``lm train --local`` keeps lm's in-process loop, still tracked in MLflow unless ``tracking.enabled=false``.
+``lm runs list|show`` prints MLflow runs in the terminal. User mistakes print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from lm import cli as lm_cli
+from lm.config import ExperimentConfig
+from lm.data import prepare_data
+from lm.train import train
+from lmplatform.config import PlatformConfig, load_platform_config
+from lmplatform.tracking import RunTracker, TrackingError, TrackingHooks, list_runs, show_run, start_run
+from lmplatform.train import PlatformError
+
+log = logging.getLogger("lmplatform")
+ERRORS: tuple[type[Exception], ...] = (*lm_cli.USER_ERRORS, PlatformError, TrackingError)
+
+
+def _process_start() -> float:
+    """When this process started (so "time to first step" includes interpreter and import time)."""
+    try:
+        import psutil  # a Ray dependency
+
+        return psutil.Process().create_time()
+    except Exception:  # psutil missing or /proc unreadable: count from now
+        return time.time()
+
+
+def _platform_config(args: argparse.Namespace) -> tuple[ExperimentConfig, PlatformConfig]:
+    overrides = list(args.overrides)
+    if getattr(args, "out", None):
+        overrides.append(f"train.out_dir={args.out}")
+    return load_platform_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train on Ray Train (or in this process with --local), track in MLflow, print results and a sample."""
+    started_at = _process_start()
+    cfg, pcfg = _platform_config(args)
+    if args.local:
+        return _train_local(args, cfg, pcfg)
+    if args.out:
+        log.warning(
+            "--out sets train.out_dir, which only --local uses; Ray keeps this run in %s", pcfg.ray.run_dir
+        )
+
+    import ray.train
+
+    from lmplatform.train import run_training
+
+    try:
+        outcome = run_training(cfg, pcfg, restart=args.restart, started_at=started_at)
+    except ray.train.TrainingFailedError as exc:
+        print(f"lm train: training failed on Ray: {_failure_summary(exc)} (traceback above)", file=sys.stderr)
+        return 1
+    m = outcome.metrics
+    _print_summary(cfg, outcome.step, m.get("train_seconds"), m, outcome.tracker)
+    print(f"ray run: {outcome.run_dir} (continue it by running the same command again)")
+    if outcome.resumed_from_step:
+        print(f"resumed from step {outcome.resumed_from_step}")
+    if outcome.time_to_first_step is not None:
+        print(f"time from command start to the first training step: {outcome.time_to_first_step:.1f}s")
+    if outcome.best_checkpoint is not None and not args.no_sample:
+        lm_cli.print_sample(outcome.best_checkpoint, cfg)
+    return 0
+
+
+def _failure_summary(exc: Exception) -> str:
+    """The first worker's (or the controller's) exception in one line."""
+    causes = list(getattr(exc, "worker_failures", {}).items())
+    if causes:
+        rank, cause = sorted(causes, key=lambda item: item[0])[0]
+        lines = str(cause).strip().splitlines()
+        return f"rank {rank}: {lines[-1] if lines else type(cause).__name__}"
+    cause = getattr(exc, "controller_failure", None) or exc
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
+
+
+def _train_local(args: argparse.Namespace, cfg: ExperimentConfig, pcfg: PlatformConfig) -> int:
+    """lm's in-process loop, with MLflow hooks when tracking is on."""
+    if not pcfg.tracking.enabled:
+        return lm_cli.cmd_train(args)
+    data = prepare_data(cfg, progress=True)
+    tracker = start_run(
+        cfg,
+        pcfg,
+        cfg.train.out_dir,
+        launcher="local",
+        resume=not args.restart,
+        tokenizer_path=data.tokenizer_path,
+    )
+    assert tracker is not None
+    with tracker.track():
+        result = train(cfg, data=data, hooks=TrackingHooks(tracker.logger), resume=not args.restart)
+        tracker.finish(cfg, result.last_checkpoint, result.best_checkpoint, pcfg.tracking.register_model)
+    _print_summary(cfg, result.step, result.elapsed, result.metrics, tracker)
+    print(f"checkpoints: {result.out_dir} (best: {result.best_checkpoint})")
+    if result.best_checkpoint is not None and not args.no_sample:
+        lm_cli.print_sample(result.best_checkpoint, cfg)
+    return 0
+
+
+def _print_summary(
+    cfg: ExperimentConfig, step: int, seconds: float | None, m: dict[str, float], tracker: RunTracker | None
+) -> None:
+    took = f", {seconds:.1f}s of training" if seconds is not None else ""
+    print(
+        f"\n{cfg.name}: step {step}{took} -> val perplexity {m.get('val_ppl', float('nan')):.2f}, "
+        f"{m.get('val_bpb', float('nan')):.4f} bits/byte (val loss {m.get('val_loss', float('nan')):.4f})"
+    )
+    if tracker is None:
+        return
+    print(f"mlflow: run {tracker.run_id} in experiment {tracker.experiment!r} at {tracker.uri}")
+    if tracker.model_version is not None:
+        print(f"        registered as models:/lmlab-{tracker.experiment}/{tracker.model_version}")
+    print(f"        browse with `make mlflow-ui`, or `lm runs show {tracker.run_id}`")
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    """Print the MLflow runs, newest first."""
+    print(list_runs(_tracking_uri(args), args.experiment, args.max_results))
+    return 0
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    """Print one MLflow run in full."""
+    print(show_run(_tracking_uri(args), args.run_id))
+    return 0
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    if args.tracking_uri:
+        return load_platform_config(None, [f"tracking.uri={args.tracking_uri}"])[1].tracking.uri or ""
+    return load_platform_config(None)[1].tracking.uri or ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """lm's parser with the platform's ``train`` handler and the ``runs`` verb."""
+    parser = lm_cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    train_parser = sub.choices["train"]
+    train_parser.description = (
+        "Train on Ray Train (ray: section) with MLflow tracking; --local runs in-process."
+    )
+    train_parser.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("runs", help="list and inspect MLflow runs")
+    runs_sub = p.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    p = runs_sub.add_parser("list", help="runs, newest first, with the params that differ between them")
+    p.add_argument("--experiment", help="only this experiment (default: all)")
+    p.add_argument("-n", "--max-results", type=int, default=50)
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.set_defaults(handler=cmd_runs_list)
+    p = runs_sub.add_parser("show", help="one run: tags, params, metrics, artifacts, model versions")
+    p.add_argument("run_id", help="a run id or a unique prefix of one")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.set_defaults(handler=cmd_runs_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lm`` console script and ``python -m lmplatform``."""
+    return lm_cli.run(build_parser(), argv, ERRORS)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

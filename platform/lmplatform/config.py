@@ -1,0 +1,169 @@
+"""Platform config sections (``ray:``, ``tracking:``) read from the same experiment YAML as ``lm``'s.
+
+``lm.config`` ignores these sections; here they become frozen dataclasses, validated with the same
+:class:`lm.config.ConfigError` messages (``ray.num_workers=-1 is not allowed: ...``), and their defaults are
+resolved to absolute paths and URIs because Ray workers and MLflow run in other directories. ``tune:`` and
+``serve:`` are tolerated and ignored until their issues land.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from lm.config import (
+    PLATFORM_SECTIONS,
+    ConfigError,
+    ExperimentConfig,
+    _check,
+    _Section,
+    build,
+    read_raw,
+    resolve_paths,
+)
+
+# Sections this module builds; the rest of PLATFORM_SECTIONS belong to later issues.
+_BUILT_SECTIONS = ("ray", "tracking")
+
+
+@dataclass(frozen=True)
+class RayConfig(_Section):
+    """Where and how Ray Train runs the loop: workers, resources, storage, restarts."""
+
+    section: ClassVar[str] = "ray"
+    num_workers: int = 1  # 0 = Ray Train local mode: the loop runs in the driver, no worker actors
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None  # None: 1 when use_gpu
+    storage_path: str = "runs"  # a directory (made absolute) or a URI such as s3://bucket/prefix
+    run_name: str | None = None  # None: the experiment name
+    keep_checkpoints: int = 2
+    max_failures: int = 0  # worker-group restarts; -1 = unlimited
+    address: str | None = None  # None: RAY_ADDRESS or a running local head, else start one
+
+    def validate(self) -> None:
+        _check(self.num_workers >= 0, "ray.num_workers", self.num_workers, "must be >= 0 (0 = local mode)")
+        self._positive("cpus_per_worker", "gpus_per_worker", "keep_checkpoints")
+        _check(
+            self.max_failures >= -1,
+            "ray.max_failures",
+            self.max_failures,
+            "must be >= 0, or -1 for unlimited",
+        )
+        _check(bool(self.storage_path), "ray.storage_path", self.storage_path, "a directory or a storage URI")
+        if self.run_name is not None:
+            _check(
+                bool(self.run_name) and "/" not in self.run_name,
+                "ray.run_name",
+                self.run_name,
+                "a non-empty name without '/'",
+            )
+        if self.gpus_per_worker is not None:
+            _check(self.use_gpu, "ray.gpus_per_worker", self.gpus_per_worker, "needs ray.use_gpu=true")
+
+    @property
+    def is_local_storage(self) -> bool:
+        """True when ``storage_path`` is a directory on this machine rather than a URI."""
+        return "://" not in self.storage_path
+
+    @property
+    def run_dir(self) -> str:
+        """Where Ray keeps this run: ``storage_path/run_name``."""
+        return f"{self.storage_path.rstrip('/')}/{self.run_name}"
+
+
+@dataclass(frozen=True)
+class TrackingConfig(_Section):
+    """MLflow: where runs go, under which experiment, and whether the best checkpoint is registered."""
+
+    section: ClassVar[str] = "tracking"
+    enabled: bool = True
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:////<repo>/mlflow.db
+    artifact_location: str | None = None  # None: file:///<repo>/mlartifacts for a local store
+    experiment: str | None = None  # None: the experiment name
+    register_model: bool = True
+
+    def validate(self) -> None:
+        if self.experiment is not None:
+            _check(bool(self.experiment), "tracking.experiment", self.experiment, "a non-empty name")
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    """The platform sections of one experiment YAML."""
+
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def find_repo_root(start: Path | None = None) -> Path:
+    """The nearest directory at or above ``start`` (cwd) holding pyproject.toml, else ``start``."""
+    start = (start or Path.cwd()).resolve()
+    for candidate in (start, *start.parents):
+        if (candidate / "pyproject.toml").is_file():
+            return candidate
+    return start
+
+
+def load_platform_config(
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base_dir: str | Path | None = None,
+) -> tuple[ExperimentConfig, PlatformConfig]:
+    """Load the experiment and its platform sections from one YAML plus dotted overrides.
+
+    Relative paths resolve against ``base_dir`` (cwd), defaults that live in the repository (the MLflow store)
+    against the repository root found from there.
+    """
+    base = Path(base_dir).resolve() if base_dir is not None else Path.cwd().resolve()
+    raw = read_raw(path, overrides)
+    lm_part = {k: v for k, v in raw.items() if k not in PLATFORM_SECTIONS}
+    cfg = resolve_paths(build(ExperimentConfig, lm_part), base)
+    platform_part = {k: raw[k] for k in _BUILT_SECTIONS if k in raw}
+    pcfg = build(PlatformConfig, platform_part)
+    return cfg, resolve_platform(pcfg, cfg, base)
+
+
+def resolve_platform(pcfg: PlatformConfig, cfg: ExperimentConfig, base: Path) -> PlatformConfig:
+    """Fill defaults that depend on the experiment and make every path and URI absolute."""
+    ray = pcfg.ray
+    storage = ray.storage_path
+    if ray.is_local_storage:  # Ray's controller crashes on a relative storage_path
+        storage = str((base / Path(storage).expanduser()).resolve())
+    ray = dataclasses.replace(ray, storage_path=storage, run_name=ray.run_name or cfg.name)
+
+    tr = pcfg.tracking
+    repo = find_repo_root(base)
+    uri = tr.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo / 'mlflow.db'}"
+    uri = _absolute_uri(uri, base)
+    artifacts = tr.artifact_location
+    if artifacts is None and _is_local_store(uri):
+        artifacts = (repo / "mlartifacts").as_uri()
+    elif artifacts is not None and "://" not in artifacts:
+        artifacts = (base / Path(artifacts).expanduser()).resolve().as_uri()
+    tr = dataclasses.replace(tr, uri=uri, artifact_location=artifacts, experiment=tr.experiment or cfg.name)
+    return PlatformConfig(ray=ray, tracking=tr)
+
+
+def _absolute_uri(uri: str, base: Path) -> str:
+    """``sqlite:///rel.db`` and bare paths become absolute: MLflow resolves them against each process's cwd."""
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///") :]
+        if db and not db.startswith("/") and db != ":memory:":
+            return f"sqlite:///{(base / db).resolve()}"
+        return uri
+    if "://" not in uri:
+        if uri.startswith("databricks"):
+            return uri
+        raise ConfigError(
+            f"tracking.uri={uri!r} is not allowed: a URI such as sqlite:////abs/mlflow.db or http://host:5000 "
+            "(MLflow 3 refuses a plain directory store)"
+        )
+    return uri
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:"))

@@ -1,0 +1,101 @@
+"""lmplatform/cli.py: `lm train` on Ray (local mode here) and in-process, `lm runs`, errors, entry points."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+from lmplatform.cli import main
+from lmplatform.tracking import mlflow_client
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def exp_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: itest\n")
+    return path
+
+
+def test_train_on_ray_prints_results_then_runs_lists_and_shows_it(
+    exp_yaml: Path, tiny_overrides: list[str], mlflow_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", str(exp_yaml), *tiny_overrides]) == 0
+    out = capsys.readouterr().out
+    assert "itest: step 20" in out and "val perplexity" in out and "bits/byte" in out
+    assert "make mlflow-ui" in out
+    assert "time from command start to the first training step" in out
+    assert "--- sample (prompt 'ROMEO:'" in out
+    (run,) = mlflow_client(mlflow_store).search_runs(["1"])
+    assert f"mlflow: run {run.info.run_id}" in out
+
+    assert main(["runs", "list", "--tracking-uri", mlflow_store]) == 0
+    listing = capsys.readouterr().out
+    assert run.info.run_id in listing and "FINISHED" in listing and "val ppl" in listing
+
+    assert main(["runs", "show", run.info.run_id[:8], "--tracking-uri", mlflow_store]) == 0
+    shown = capsys.readouterr().out
+    assert "model.n_embd = 32" in shown
+    assert "checkpoints/best/model.safetensors" in shown
+    assert "models:/lmlab-itest/1 (aliases: best)" in shown
+
+
+def test_train_local_is_tracked_in_process(
+    exp_yaml: Path, tiny_overrides: list[str], mlflow_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--local", "--no-sample", str(exp_yaml), *tiny_overrides, "train.max_steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "itest: step 4" in out and "checkpoints:" in out
+    (run,) = mlflow_client(mlflow_store).search_runs(["1"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["lmlab.launcher"] == "local"
+    assert "ray.num_workers" not in run.data.params
+
+
+def test_train_local_without_tracking_is_lm_itself(
+    exp_yaml: Path, tiny_overrides: list[str], mlflow_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "--local", "--no-sample", str(exp_yaml), *tiny_overrides, "train.max_steps=2"]
+    assert main([*args, "tracking.enabled=false"]) == 0
+    assert "mlflow:" not in capsys.readouterr().out
+    assert not Path(mlflow_store.removeprefix("sqlite:///")).exists()
+
+
+def test_user_mistakes_print_one_line_and_exit_2(
+    exp_yaml: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", str(exp_yaml), "ray.num_workers=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "lm train: error: ray.num_workers=-1 is not allowed: must be >= 0 (0 = local mode)"
+
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    assert main(["runs", "show", "abc", "--tracking-uri", missing]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()  # looking did not create a store
+
+
+def test_entry_points_and_no_import_time_side_effects(tmp_path: Path) -> None:
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lm"]
+    assert script.value == "lmplatform.cli:main"
+    # importing the platform starts no Ray and opens no MLflow store; `python -m lmplatform` is the CLI
+    code = (
+        "import sys, lmplatform.cli, lmplatform.train, lmplatform.tracking, lmplatform.config\n"
+        "print(sorted({k.split('.')[0] for k in sys.modules} & {'ray', 'mlflow'}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+    assert list(tmp_path.iterdir()) == []
+    helped = subprocess.run(
+        [sys.executable, "-m", "lmplatform", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "runs" in helped.stdout and "train" in helped.stdout

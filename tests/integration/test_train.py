@@ -1,0 +1,232 @@
+"""lmplatform/train.py with lmplatform/tracking.py: Ray Train around lm's loop, tracked in a real MLflow store."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from lmplatform.tracking import BEST_ALIAS, mlflow_client, registered_model_name
+from lmplatform.train import FAIL_ENV, PlatformError, check_resources, run_training
+
+from lm.checkpoint import TRAINER, load_model
+from lm.generate import iter_generate
+
+pytestmark = pytest.mark.ray
+
+
+def _artifact_files(client, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for item in client.list_artifacts(run_id, path):
+        out.extend(_artifact_files(client, run_id, item.path) if item.is_dir else [item.path])
+    return out
+
+
+def _steps(client, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_local_mode_reports_tracks_and_registers(make_config, tmp_path: Path) -> None:
+    cfg, pcfg = make_config("train.log_interval=2")
+    outcome = run_training(cfg, pcfg)
+
+    # Ray side: the final report carries the validation metrics and a checkpoint
+    assert outcome.step == 20
+    assert outcome.result.checkpoint is not None
+    assert {"val_loss", "val_ppl", "val_bpb"} <= set(outcome.metrics)
+    assert outcome.final_checkpoint is not None and (outcome.final_checkpoint / TRAINER).is_file()
+    assert outcome.best_checkpoint is not None
+    assert outcome.time_to_first_step is not None and outcome.time_to_first_step > 0
+
+    client = mlflow_client(pcfg.tracking.uri)
+    run = client.get_run(outcome.tracker.run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.n_embd"] == "32"
+    assert params["train.max_steps"] == "20"
+    assert params["ray.num_workers"] == "0"
+    assert params["train.out_dir"].startswith(str(tmp_path))  # the worker-local directory, absolute
+    assert run.data.tags["version.torch"] == torch.__version__
+    assert run.data.tags["lmlab.num_workers"] == "0"
+    assert _steps(client, run.info.run_id, "train_loss") == list(range(2, 21, 2))
+    assert len(_steps(client, run.info.run_id, "lr")) == 10
+    assert run.data.metrics["val_ppl"] == pytest.approx(outcome.metrics["val_ppl"])
+    assert "val_bpb" in run.data.metrics and "tokens_per_s" in run.data.metrics
+
+    files = _artifact_files(client, run.info.run_id)
+    assert {"config.yaml", "tokenizer.json", "loss_curve.png", "samples.txt"} <= set(files)
+    for kind in ("final", "best"):
+        assert f"checkpoints/{kind}/model.safetensors" in files
+    assert not [f for f in files if f.endswith(TRAINER)], "optimizer state must never reach MLflow"
+
+    # the logged weights are a complete, loadable model
+    local = Path(client.download_artifacts(run.info.run_id, "checkpoints/best", str(tmp_path / "dl")))
+    model, loaded_cfg, tokenizer = load_model(local)
+    assert loaded_cfg.model == cfg.model
+    idx = torch.tensor([tokenizer.encode("ROMEO:")])
+    tokens = list(iter_generate(model, idx, 5, temperature=0.0))
+    assert len(tokens) == 5
+
+    # registry: a version pointing at this run, with metrics as tags, and the alias on the best version
+    name = registered_model_name("itest")
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+    assert float(versions[0].tags["val_bpb"]) == pytest.approx(
+        float(client.get_model_version(name, versions[0].version).tags["val_bpb"])
+    )
+    assert client.get_model_version_by_alias(name, BEST_ALIAS).version == versions[0].version
+
+
+def test_samples_and_loss_curve_are_readable(make_config, tmp_path: Path) -> None:
+    cfg, pcfg = make_config("train.max_steps=6", "train.eval_interval=3", "train.checkpoint_interval=0")
+    outcome = run_training(cfg, pcfg)
+    client = mlflow_client(pcfg.tracking.uri)
+    run_id = outcome.tracker.run_id
+    samples = Path(client.download_artifacts(run_id, "samples.txt", str(tmp_path))).read_text()
+    assert "--- sample 1 ---\nROMEO:" in samples
+    png = Path(client.download_artifacts(run_id, "loss_curve.png", str(tmp_path))).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_run_ends_failed(make_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAIL_ENV, "3")
+    cfg, pcfg = make_config()
+    client = mlflow_client(pcfg.tracking.uri)
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        run_training(cfg, pcfg)
+    (run,) = client.search_runs([client.get_experiment_by_name("itest").experiment_id])
+    assert run.info.status == "FAILED"
+    assert _steps(client, run.info.run_id, "train_loss") == [1, 2]  # logged live, before the failure
+
+
+def test_rerun_continues_a_stopped_local_mode_run(make_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAIL_ENV, "13")
+    cfg, pcfg = make_config()
+    with pytest.raises(RuntimeError):
+        run_training(cfg, pcfg)
+    monkeypatch.delenv(FAIL_ENV)
+    outcome = run_training(cfg, pcfg)  # the same command again
+    assert outcome.resumed_from_step == 10
+    assert outcome.step == 20
+    client = mlflow_client(pcfg.tracking.uri)
+    assert client.get_run(outcome.tracker.run_id).info.status == "FINISHED"
+    assert outcome.tracker.resumed  # the same MLflow run, reopened
+    assert Counter(_steps(client, outcome.tracker.run_id, "train_loss"))[11] == 2  # 11-12 trained again
+
+    fresh = run_training(cfg, pcfg, restart=True)  # lm train --restart: a new run from step 0
+    assert fresh.resumed_from_step is None and fresh.step == 20
+    assert fresh.tracker.run_id != outcome.tracker.run_id
+
+
+def test_two_cpu_workers_train_together(ray_cluster, make_config) -> None:
+    cfg, pcfg = make_config("ray.num_workers=2", "train.max_steps=8", "train.eval_interval=0",
+                            "train.checkpoint_interval=0")  # fmt: skip
+    outcome = run_training(cfg, pcfg)
+    assert outcome.step == 8
+    assert outcome.metrics["tokens"] == 8 * cfg.tokens_per_step * 2  # both ranks' batches count
+    assert outcome.result.path == pcfg.ray.run_dir
+    client = mlflow_client(pcfg.tracking.uri)
+    run = client.get_run(outcome.tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["lmlab.num_workers"] == "2"
+    assert _steps(client, run.info.run_id, "train_loss") == list(range(1, 9))  # rank 0 only, once per step
+
+
+def test_worker_failure_restarts_from_checkpoint_and_rerun_continues(
+    ray_cluster, make_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAIL_ENV, "7")
+    cfg, pcfg = make_config("ray.num_workers=1", "ray.max_failures=1", "train.max_steps=12",
+                            "train.checkpoint_interval=4", "train.eval_interval=0")  # fmt: skip
+    outcome = run_training(cfg, pcfg)
+    assert outcome.step == 12
+    assert outcome.resumed_from_step == 4  # the restarted group resumed from Ray's checkpoint, not step 0
+    client = mlflow_client(pcfg.tracking.uri)
+    run_id = outcome.tracker.run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = Counter(_steps(client, run_id, "train_loss"))
+    # attempt 1 logged 1..6 and failed at 7; attempt 2 resumed at 4: only 5 and 6 ran twice, 1..4 never again
+    assert steps == Counter([*range(1, 7), *range(5, 13)])
+
+    # re-running the command with a bigger budget continues the run from Ray's storage (a new controller)
+    cfg2, pcfg2 = make_config("ray.num_workers=1", "train.max_steps=14", "train.checkpoint_interval=4",
+                              "train.eval_interval=0")  # fmt: skip
+    again = run_training(cfg2, pcfg2)
+    assert again.resumed_from_step == 12
+    assert again.step == 14
+    assert again.tracker.run_id == run_id
+    assert Counter(_steps(client, run_id, "train_loss"))[13] == 1
+
+
+def _ddp_grads_loop(config: dict) -> dict:
+    """On each of 2 workers: the same model, this rank's half of a fixed batch, one backward pass."""
+    from lmplatform.train import ray_distributed_context
+
+    from lm.config import ModelConfig
+    from lm.model import TransformerLM
+
+    dist = ray_distributed_context()
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(**config["model"]))
+    wrapped = dist.wrap_model(model)
+    x, y = config["x"], config["y"]
+    b = x.shape[0] // dist.world_size
+    _, loss = wrapped(x[dist.rank * b : (dist.rank + 1) * b], y[dist.rank * b : (dist.rank + 1) * b])
+    loss.backward()
+    agreed = dist.broadcast(float(dist.rank + 41))  # rank 0's value everywhere
+    return {
+        "world_size": dist.world_size,
+        "agreed": agreed,
+        # Ray refuses tensors in return values; numpy arrays travel fine
+        "grads": {n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None},
+    }
+
+
+def test_ddp_two_workers_match_one_process_with_twice_the_batch(ray_cluster, tmp_path: Path) -> None:
+    import ray.cloudpickle
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from lm.config import ModelConfig
+    from lm.model import TransformerLM
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
+    model_cfg = {"vocab_size": 300, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 32}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 300, (8, 16), generator=g)
+    y = torch.randint(0, 300, (8, 16), generator=g)
+    trainer = TorchTrainer(
+        _ddp_grads_loop,
+        train_loop_config={"model": model_cfg, "x": x, "y": y},
+        scaling_config=ray.train.ScalingConfig(num_workers=2),
+        run_config=ray.train.RunConfig(name="ddp", storage_path=str(tmp_path)),
+    )
+    out = trainer.fit().return_value
+    assert out["world_size"] == 2
+    assert out["agreed"] == 41.0
+
+    torch.manual_seed(0)
+    reference = TransformerLM(ModelConfig(**model_cfg))
+    _, loss = reference(x, y)
+    loss.backward()
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert set(out["grads"]) == set(expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(
+            torch.from_numpy(out["grads"][name].copy()), grad, rtol=1e-4, atol=1e-6, msg=name
+        )
+
+
+def test_a_worker_group_the_cluster_cannot_hold_fails_fast(
+    make_config, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, pcfg = make_config("ray.num_workers=3", "ray.cpus_per_worker=1")
+    with pytest.raises(
+        PlatformError, match=r"ray.num_workers=3 needs 3 CPU .* but the Ray cluster has 2 CPU"
+    ):
+        check_resources(pcfg.ray, {"CPU": 2.0}, fixed=True)
+    check_resources(pcfg.ray, {"CPU": 2.0}, fixed=False)  # a cluster we joined may autoscale: warn, wait
+    assert "will wait until the cluster grows" in caplog.text
+    check_resources(pcfg.ray, {"CPU": 3.0}, fixed=True)

@@ -8,7 +8,7 @@ EXP     ?= experiments/tiny.yaml
 ARGS    ?=
 export THP_MEM_ALLOC_ENABLE ?= 1
 
-.PHONY: setup train train-local sweep serve eval generate data bench test test-fast lint format mlflow-ui job clean
+.PHONY: setup train train-local eval generate data bench test test-fast lint format mlflow-ui job clean
 
 setup: $(VENV)/.installed ## create .venv and install lmlab with its dev tools
 

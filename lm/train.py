@@ -34,7 +34,7 @@ from lm.checkpoint import (
     load_weights_into,
     restore_rng_state,
 )
-from lm.config import ExperimentConfig, OptimConfig, TrainConfig
+from lm.config import ExperimentConfig, OptimConfig, TrainConfig, flatten, to_dict
 from lm.data import BlockSampler, PreparedData, prepare_data
 from lm.evaluate import EvalResult, evaluate_split
 from lm.model import TransformerLM
@@ -443,6 +443,12 @@ def _restore(
             f"cannot resume from {path}: its model config differs from this run's ({ckpt.config.model} vs "
             f"{cfg.model}); use a new train.out_dir or the same model settings"
         )
+    changed = _changed_settings(ckpt.config, cfg)
+    if changed:
+        log.warning(
+            "resuming %s with settings that differ from the ones it was started with: %s (use --restart, or a "
+            "new train.out_dir, to start over with them)", path, "; ".join(changed),
+        )  # fmt: skip
     load_weights_into(model, ckpt.weights, path)
     trainer = ckpt.trainer_state()
     if trainer is None:
@@ -453,6 +459,13 @@ def _restore(
     state.step, state.tokens, state.elapsed = trainer["step"], trainer["tokens"], trainer["elapsed"]
     state.warmup_progress = trainer["warmup_progress"]
     restore_rng_state(trainer["rng"])
+
+
+def _changed_settings(saved: ExperimentConfig, now: ExperimentConfig) -> list[str]:
+    """``key: old -> new`` for every setting (paths aside) that differs between a checkpoint's config and this run's."""
+    before, after = flatten(to_dict(saved)), flatten(to_dict(now))
+    keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys if k != "train.out_dir"]
 
 
 def _describe_budget(tc: TrainConfig) -> str:

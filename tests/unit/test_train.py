@@ -152,6 +152,31 @@ def test_resume_after_a_crash_is_bit_identical(toy_cfg, tmp_path: Path) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
+class StopAfter(Hooks):
+    def __init__(self, steps: int) -> None:
+        self.steps, self.limit = 0, steps
+
+    def on_log(self, step: int, metrics: dict) -> None:
+        self.steps = step
+
+    def should_stop(self) -> bool:
+        return self.steps >= self.limit
+
+
+def test_resuming_with_changed_settings_warns_naming_them(toy_cfg, caplog) -> None:
+    cfg = toy_cfg(train__max_steps=12, train__checkpoint_interval=6, optim__lr=2e-3)
+    with caplog.at_level("WARNING", logger="lm.train"):
+        train(toy_cfg(train__max_steps=12, train__checkpoint_interval=6, optim__lr=1e-3), hooks=StopAfter(6))
+        train(cfg)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "optim.lr: 0.001 -> 0.002" in warned[0], warned
+    assert "max_steps" not in warned[0] and "out_dir:" not in warned[0]  # only the changed key is named
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lm.train"):
+        train(cfg)  # the same settings again: silent
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_stop_then_resume_continues_to_the_budget(toy_cfg) -> None:
     class StopAt(Hooks):
         def __init__(self) -> None:

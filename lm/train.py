@@ -77,6 +77,10 @@ class DistributedContext:
 class Hooks:
     """Callbacks from the loop. Subclass and override; the defaults do nothing."""
 
+    def on_start(self) -> None:
+        """Once, after model, data and resume are ready and before the training clock starts (every rank):
+        set-up work finished here is not charged to a ``train.max_seconds`` budget."""
+
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         """Training metrics every ``train.log_interval`` steps (every rank)."""
 
@@ -297,6 +301,7 @@ def train(
             tokens_per_step, device, amp_dtype or "off", _describe_budget(tc),
         )  # fmt: skip
     model.train()
+    hooks.on_start()
     t_start = time.perf_counter() - state.elapsed
     t_log, tokens_log = time.perf_counter(), state.tokens
     last_path: Path | None = None

@@ -83,24 +83,29 @@ class MetricLogger:
         return {"uri": self.uri, "run_id": self.run_id, "_client": None, "_warming": None}
 
     def warm_up(self) -> None:
-        """Import mlflow and open the store in the background (about 2 s) while the model is built.
+        """Import mlflow and open the store in the background (about 2 s) while data and model are prepared.
 
-        Done lazily inside the loop instead, it would stall the first logged step and eat into a
-        ``train.max_seconds`` budget.
+        :class:`TrackingHooks` waits for it in ``on_start``, before the training clock starts: done lazily
+        inside the loop instead, the import would stall the first logged step, or compete with it for the
+        CPU, and eat into a ``train.max_seconds`` budget.
         """
         if self._client is None and self._warming is None:
             self._warming = threading.Thread(target=self._connect, name="mlflow-warm-up", daemon=True)
             self._warming.start()
 
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Log every finite metric except the step counter itself at ``step``."""
-        from mlflow.entities import Metric
-
+    def ready(self) -> None:
+        """Block until the store is open (the warm-up finished, or connect now)."""
         if self._warming is not None:
             self._warming.join()
             self._warming = None
         if self._client is None:
             self._connect()
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Log every finite metric except the step counter itself at ``step``."""
+        from mlflow.entities import Metric
+
+        self.ready()
         now = int(time.time() * 1000)
         batch = [
             Metric(key, float(value), now, step)
@@ -119,6 +124,10 @@ class TrackingHooks(Hooks):
 
     def __init__(self, logger: MetricLogger) -> None:
         self.logger = logger
+
+    def on_start(self) -> None:
+        """Finish opening the store before the training clock starts."""
+        self.logger.ready()
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         """train_loss, lr, tokens_per_s, grad_norm, ... at this step."""

@@ -310,6 +310,11 @@ class RayHooks(Hooks):
         self.resumed_from_step: int | None = None
         self.time_to_first_step: float | None = None
 
+    def on_start(self) -> None:
+        """Let the tracking hooks finish their set-up before the training clock starts."""
+        if self.tracking is not None:
+            self.tracking.on_start()
+
     def should_stop(self) -> bool:
         """Never stops early; its first call marks the start of the first training step."""
         if self.time_to_first_step is None and self.started_at is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,22 @@ class StopAfter(Hooks):
 
     def should_stop(self) -> bool:
         return self.steps >= self.limit
+
+
+def test_on_start_runs_once_before_the_clock_starts(toy_cfg) -> None:
+    class SlowStart(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.started: list[int] = []
+
+        def on_start(self) -> None:
+            self.started.append(len(self.logs))
+            time.sleep(1.5)  # longer than the whole budget: set-up work must not be charged to it
+
+    hooks = SlowStart()
+    result = train(toy_cfg(train__max_seconds=1.0, train__max_steps=None, train__log_interval=1), hooks=hooks)
+    assert hooks.started == [0]  # once, before the first step was logged
+    assert result.step > 0 and 1.0 <= result.elapsed < 1.5, (result.step, result.elapsed)
 
 
 def test_resuming_with_changed_settings_warns_naming_them(toy_cfg, caplog) -> None:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -117,6 +120,23 @@ def evaluate_split(
 # Baseline: any Hugging Face causal LM (GPT-2 by name when the hub is reachable, or a local directory)
 
 
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub ($HF_ENDPOINT) opens within ``timeout`` seconds.
+
+    Behind an HTTPS proxy, or with HF_HUB_OFFLINE set, the hub client decides itself (True).
+    """
+    deferred = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE")
+    if any(os.environ.get(k) for k in deferred):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def load_hf_causal_lm(name_or_path: str, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """Load a ``transformers`` causal LM and its tokenizer; a clear EvalError when it cannot be had."""
     try:
@@ -125,9 +145,12 @@ def load_hf_causal_lm(name_or_path: str, device: str | torch.device = "cpu") -> 
         raise EvalError("the GPT-2 baseline needs the 'transformers' package") from exc
     local = Path(name_or_path).expanduser()
     source = str(local) if local.exists() else name_or_path
+    # Without a network, the hub client retries for most of a minute before giving up; a one-second probe
+    # turns that into "use the local cache or fail now".
+    cache_only = {} if local.exists() or hub_reachable() else {"local_files_only": True}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **cache_only)
+        model = AutoModelForCausalLM.from_pretrained(source, **cache_only)
     except (OSError, ValueError) as exc:
         hint = (
             "the Hugging Face hub is not reachable from here (or the name is wrong); download it on a machine "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,25 @@ def test_hf_baseline_offline_fails_with_a_clear_message(tmp_path: Path) -> None:
         f"cannot load baseline '{tmp_path}': that directory does not hold a transformers causal LM"
         in proc.stdout
     )
+
+
+def test_an_unreachable_hub_means_cache_only_and_a_clear_error(tmp_path: Path) -> None:
+    # Nothing listens on the port just released, so the probe fails at once, as it does with no network.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = (
+        "from lm.evaluate import EvalError, evaluate_hf_baseline, hub_reachable\n"
+        "print(hub_reachable())\n"
+        "try:\n"
+        "    evaluate_hf_baseline('gpt2', 'some text')\n"
+        "except EvalError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "HF_HUB_OFFLINE"}
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "empty-hf-home")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    reachable, message = proc.stdout.splitlines()[:2]
+    assert reachable == "False"
+    assert message.startswith("cannot load baseline 'gpt2': the Hugging Face hub is not reachable"), message

@@ -60,6 +60,7 @@ def toy_overrides(corpus: Path, cache: Path, out_dir: Path, **extra: object) -> 
         "train.checkpoint_interval": 0,
         "train.num_threads": 1,
         "train.device": "cpu",
+        "train.amp": "off",  # fp32 on every machine (auto picks bf16 on CPUs that have it)
         "train.out_dir": str(out_dir),
         "sample.max_new_tokens": 20,
     }

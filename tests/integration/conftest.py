@@ -30,6 +30,7 @@ TINY = [
     "train.eval_max_batches=2",
     "train.checkpoint_interval=10",
     "train.device=cpu",
+    "train.amp=off",  # fp32 on every machine (auto picks bf16 on CPUs that have it)
     "sample.max_new_tokens=16",
     "ray.num_workers=0",
 ]

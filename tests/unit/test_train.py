@@ -209,3 +209,25 @@ def test_stop_then_resume_continues_to_the_budget(toy_cfg) -> None:
     assert train(cfg, hooks=StopAt()).step == 10
     assert train(cfg).step == 20
     assert train(cfg).step == 20  # a finished run resumes to its end and stops at once
+
+
+def test_amp_auto_is_bf16_on_a_cpu_only_when_it_has_native_bf16(monkeypatch) -> None:
+    import lm.train as lm_train
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(lm_train, "cpu_has_native_bf16", lambda: True)
+    assert lm_train.resolve_amp("auto", cpu) is torch.bfloat16
+    assert lm_train.resolve_amp("off", cpu) is None
+    monkeypatch.setattr(lm_train, "cpu_has_native_bf16", lambda: False)
+    assert lm_train.resolve_amp("auto", cpu) is None
+    assert lm_train.resolve_amp("bf16", cpu) is torch.bfloat16  # asked for explicitly: emulated, but allowed
+    assert lm_train.resolve_amp("auto", torch.device("mps")) is None
+    with pytest.raises(lm_train.TrainError, match="train.amp=fp16 needs a CUDA device"):
+        lm_train.resolve_amp("fp16", cpu)
+
+
+def test_bf16_autocast_trains_on_cpu(toy_cfg) -> None:
+    rec = Recorder()
+    result = train(toy_cfg(train__amp="bf16", train__max_steps=40), hooks=rec)
+    first, last = rec.logs[0][1]["train_loss"], rec.logs[-1][1]["train_loss"]
+    assert math.isfinite(result.metrics["val_loss"]) and last < first - 0.3, (first, last)

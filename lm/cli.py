@@ -41,12 +41,27 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """The experiment from ``config`` plus dotted ``overrides`` (and ``--out``)."""
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    """The dotted ``overrides``, plus ``train.out_dir`` when ``--out`` was given."""
     overrides = list(args.overrides)
     if getattr(args, "out", None):
         overrides.append(f"train.out_dir={args.out}")
-    return load_config(args.config, overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The experiment from ``config`` plus dotted ``overrides`` (and ``--out``)."""
+    return load_config(args.config, overrides_from_args(args))
+
+
+def print_result(name: str, step: int, seconds: float | None, metrics: dict[str, float]) -> None:
+    """The one-line outcome of a training run: steps, training time, val perplexity, bits/byte and loss."""
+    took = f", {seconds:.1f}s of training" if seconds is not None else ""
+    nan = float("nan")
+    print(
+        f"\n{name}: step {step}{took} -> val perplexity {metrics.get('val_ppl', nan):.2f}, "
+        f"{metrics.get('val_bpb', nan):.4f} bits/byte (val loss {metrics.get('val_loss', nan):.4f})"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -83,11 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train in this process, evaluate the result and print a sample from it."""
     cfg = config_from_args(args)
     result = train(cfg, resume=not args.restart)
-    m = result.metrics
-    print(
-        f"\n{cfg.name}: step {result.step}, {result.elapsed:.1f}s of training -> val perplexity "
-        f"{m['val_ppl']:.2f}, {m['val_bpb']:.4f} bits/byte (val loss {m['val_loss']:.4f})"
-    )
+    print_result(cfg.name, result.step, result.elapsed, result.metrics)
     print(f"checkpoints: {result.out_dir} (best: {result.best_checkpoint})")
     if result.best_checkpoint is not None and not args.no_sample:
         print_sample(result.best_checkpoint, cfg)

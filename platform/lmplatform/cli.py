@@ -34,17 +34,10 @@ def _process_start() -> float:
         return time.time()
 
 
-def _platform_config(args: argparse.Namespace) -> tuple[ExperimentConfig, PlatformConfig]:
-    overrides = list(args.overrides)
-    if getattr(args, "out", None):
-        overrides.append(f"train.out_dir={args.out}")
-    return load_platform_config(args.config, overrides)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """Train on Ray Train (or in this process with --local), track in MLflow, print results and a sample."""
     started_at = _process_start()
-    cfg, pcfg = _platform_config(args)
+    cfg, pcfg = load_platform_config(args.config, lm_cli.overrides_from_args(args))
     if args.local:
         return _train_local(args, cfg, pcfg)
     if args.out:
@@ -112,11 +105,7 @@ def _train_local(args: argparse.Namespace, cfg: ExperimentConfig, pcfg: Platform
 def _print_summary(
     cfg: ExperimentConfig, step: int, seconds: float | None, m: dict[str, float], tracker: RunTracker | None
 ) -> None:
-    took = f", {seconds:.1f}s of training" if seconds is not None else ""
-    print(
-        f"\n{cfg.name}: step {step}{took} -> val perplexity {m.get('val_ppl', float('nan')):.2f}, "
-        f"{m.get('val_bpb', float('nan')):.4f} bits/byte (val loss {m.get('val_loss', float('nan')):.4f})"
-    )
+    lm_cli.print_result(cfg.name, step, seconds, m)
     if tracker is None:
         return
     print(f"mlflow: run {tracker.run_id} in experiment {tracker.experiment!r} at {tracker.uri}")
@@ -138,9 +127,8 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
-    if args.tracking_uri:
-        return load_platform_config(None, [f"tracking.uri={args.tracking_uri}"])[1].tracking.uri or ""
-    return load_platform_config(None)[1].tracking.uri or ""
+    overrides = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
+    return load_platform_config(None, overrides)[1].tracking.uri or ""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,12 +3,16 @@
 Load order: YAML file (following ``extends:``) -> dotted CLI overrides (``model.n_layer=4``) -> type conversion
 -> dataclasses -> validation. Every mistake raises :class:`ConfigError` naming the dotted key, the bad value and
 what is allowed. The defaults are the ``tiny`` preset.
+
+The top level holds the ``lm`` sections below plus the sections ``lmplatform`` reads (``ray``, ``tracking``);
+``tune`` and ``serve`` are refused until their issues (#11, #12) add them, rather than silently ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,7 +24,10 @@ import yaml
 
 BUILTIN_CORPORA = ("tinyshakespeare", "shakespeare-complete")
 # Sections that lmplatform validates; the lm loader tolerates them so one YAML serves both.
-PLATFORM_SECTIONS = frozenset({"ray", "tune", "tracking", "serve"})
+PLATFORM_SECTIONS = frozenset({"ray", "tracking"})
+# Sections the design names whose code has not landed: refused, so a YAML never looks like it configured them.
+UNSUPPORTED_SECTIONS = {"tune": 11, "serve": 12}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class ConfigError(ValueError):
@@ -31,12 +38,24 @@ def _choices(*allowed: str) -> dict[str, Any]:
     return {"choices": allowed}
 
 
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise ConfigError ``key=value is not allowed: allowed`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
-class _Section:
+def check_name(value: str, key: str) -> None:
+    """Raise ConfigError unless ``value`` is a safe run/experiment name: it becomes a directory name."""
+    check(
+        isinstance(value, str) and _NAME.fullmatch(value) is not None and value not in (".", ".."),
+        key,
+        value,
+        "1-100 characters from letters, digits, '.', '_' and '-', starting with a letter or digit "
+        "(it names a directory)",
+    )
+
+
+class Section:
     """Mixin: each section knows its YAML name and validates itself on construction."""
 
     section: ClassVar[str] = ""
@@ -46,7 +65,7 @@ class _Section:
             allowed = f.metadata.get("choices")
             value = getattr(self, f.name)
             if allowed is not None:
-                _check(value in allowed, self._key(f.name), value, f"one of {', '.join(allowed)}")
+                check(value in allowed, self._key(f.name), value, f"one of {', '.join(allowed)}")
         self.validate()
 
     def _key(self, name: str) -> str:
@@ -56,14 +75,14 @@ class _Section:
         for name in names:
             value = getattr(self, name)
             if value is not None:
-                _check(value > 0, self._key(name), value, "must be > 0")
+                check(value > 0, self._key(name), value, "must be > 0")
 
     def validate(self) -> None:
         """Raise ConfigError if a value in this section is impossible."""
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Shape of the decoder-only transformer (defaults: the 658,944-parameter ``tiny`` preset)."""
 
     section: ClassVar[str] = "model"
@@ -91,23 +110,23 @@ class ModelConfig(_Section):
 
     def validate(self) -> None:
         self._positive("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_dim")
-        _check(
+        check(
             self.n_embd % self.n_head == 0,
             "model.n_embd",
             self.n_embd,
             f"must be divisible by model.n_head={self.n_head}",
         )
-        _check(
+        check(
             self.vocab_size >= 258,
             "model.vocab_size",
             self.vocab_size,
             "must be >= 258 (256 bytes + 2 specials)",
         )
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
-class TokenizerConfig(_Section):
+class TokenizerConfig(Section):
     """Byte-level BPE tokenizer: train one (vocab size from ``model.vocab_size``) or load ``path``."""
 
     section: ClassVar[str] = "tokenizer"
@@ -119,21 +138,29 @@ class TokenizerConfig(_Section):
 
 
 @dataclass(frozen=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     """Which text to train on and where its token cache lives."""
 
     section: ClassVar[str] = "data"
     corpus: str = field(default="tinyshakespeare", metadata={"corpus": True})
     cache_dir: str = field(default="data", metadata={"path": True})
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # the reported split: the end of the text (the standard tiny-shakespeare val)
+    dev_fraction: float = 0.05  # the tuning split: the end of the training text, right before val
 
     def validate(self) -> None:
-        _check(bool(self.corpus), "data.corpus", self.corpus, f"a file, a folder or one of {BUILTIN_CORPORA}")
-        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        check(bool(self.corpus), "data.corpus", self.corpus, f"a file, a folder or one of {BUILTIN_CORPORA}")
+        check(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "must be in (0, 1)")
+        check(0.0 < self.dev_fraction < 1.0, "data.dev_fraction", self.dev_fraction, "must be in (0, 1)")
+        check(
+            self.dev_fraction + self.val_fraction < 1.0,
+            "data.dev_fraction",
+            self.dev_fraction,
+            f"data.dev_fraction + data.val_fraction (={self.val_fraction}) must be < 1, leaving text to train on",
+        )
 
 
 @dataclass(frozen=True)
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """AdamW with decoupled weight decay, warmup then a decaying learning-rate schedule."""
 
     section: ClassVar[str] = "optim"
@@ -150,18 +177,18 @@ class OptimConfig(_Section):
 
     def validate(self) -> None:
         self._positive("lr", "eps", "grad_clip")
-        _check(
+        check(
             0.0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]"
         )
-        _check(self.weight_decay >= 0.0, "optim.weight_decay", self.weight_decay, "must be >= 0")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        check(self.weight_decay >= 0.0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
-            _check(0.0 <= value < 1.0, f"optim.{name}", value, "must be in [0, 1)")
+            check(0.0 <= value < 1.0, f"optim.{name}", value, "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Batch, budget (steps, tokens or wall-clock seconds), evaluation, checkpoints and runtime options."""
 
     section: ClassVar[str] = "train"
@@ -171,7 +198,9 @@ class TrainConfig(_Section):
     max_tokens: int | None = None
     max_seconds: float | None = None
     eval_interval: int = 0  # steps between evaluations; 0 = only at the end
-    eval_max_batches: int | None = 20  # periodic evaluation on a prefix of the split; the final one is full
+    # In-training evaluations score the dev split: None = all of it; N = its first N batches, the same for every
+    # evaluation (the final one included), so every checkpoint competing for best sees the same tokens.
+    eval_max_batches: int | None = None
     log_interval: int = 50
     checkpoint_interval: int = 0  # steps between checkpoints; 0 = only at the end
     keep_last: int = 2
@@ -180,7 +209,7 @@ class TrainConfig(_Section):
     amp: str = field(default="auto", metadata=_choices("auto", "off", "bf16", "fp16"))
     compile: bool = False
     num_threads: int | None = None
-    out_dir: str = field(default="runs/tiny", metadata={"path": True})
+    out_dir: str | None = field(default=None, metadata={"path": True})  # None: runs/<name>-local
 
     def validate(self) -> None:
         self._positive(
@@ -188,19 +217,19 @@ class TrainConfig(_Section):
             "keep_last", "num_threads", "eval_max_batches",
         )  # fmt: skip
         for name in ("eval_interval", "checkpoint_interval"):
-            _check(
+            check(
                 getattr(self, name) >= 0,
                 f"train.{name}",
                 getattr(self, name),
                 "must be >= 0 (0 = only at the end)",
             )
-        _check(
+        check(
             any(v is not None for v in (self.max_steps, self.max_tokens, self.max_seconds)),
             "train.max_steps",
             None,
             "set at least one budget: train.max_steps, train.max_tokens or train.max_seconds",
         )
-        _check(
+        check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
             "train.device",
             self.device,
@@ -209,7 +238,7 @@ class TrainConfig(_Section):
 
 
 @dataclass(frozen=True)
-class SampleConfig(_Section):
+class SampleConfig(Section):
     """Defaults for text generation."""
 
     section: ClassVar[str] = "sample"
@@ -223,13 +252,13 @@ class SampleConfig(_Section):
 
     def validate(self) -> None:
         self._positive("max_new_tokens", "top_k", "num_samples")
-        _check(self.temperature >= 0.0, "sample.temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        check(self.temperature >= 0.0, "sample.temperature", self.temperature, "must be >= 0 (0 = greedy)")
         if self.top_p is not None:
-            _check(0.0 < self.top_p <= 1.0, "sample.top_p", self.top_p, "must be in (0, 1]")
+            check(0.0 < self.top_p <= 1.0, "sample.top_p", self.top_p, "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
-class ExperimentConfig(_Section):
+class ExperimentConfig(Section):
     """One experiment: a section per concern."""
 
     name: str = "tiny"
@@ -241,10 +270,10 @@ class ExperimentConfig(_Section):
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def validate(self) -> None:
-        _check(bool(self.name), "name", self.name, "a non-empty experiment name")
+        check_name(self.name, "name")
         steps = self.train.max_steps
         if steps is not None:
-            _check(
+            check(
                 self.optim.warmup_steps <= steps,
                 "optim.warmup_steps",
                 self.optim.warmup_steps,
@@ -261,9 +290,15 @@ class ExperimentConfig(_Section):
 # Loading
 
 
-def read_raw(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Read a YAML experiment (following ``extends:``) and apply dotted overrides; no validation yet."""
-    raw: dict[str, Any] = _read_yaml_chain(Path(path), ()) if path is not None else {}
+def read_raw(
+    path: str | Path | None, overrides: Iterable[str] = (), follow_extends: bool = True
+) -> dict[str, Any]:
+    """Read a YAML experiment (following ``extends:``) and apply dotted overrides; checks the top-level sections.
+
+    With ``follow_extends=False`` a file holding ``extends:`` is an error: a checkpoint's ``config.yaml`` is
+    complete by itself and must never pull in other files (which may not exist, or differ, on this machine).
+    """
+    raw: dict[str, Any] = _read_yaml_chain(Path(path), (), follow_extends) if path is not None else {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -271,16 +306,37 @@ def read_raw(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[str
                 f"override {item!r} is not of the form section.key=value (e.g. model.n_layer=4)"
             )
         _set_dotted(raw, key.strip(), _parse_scalar(text))
+    check_sections(raw)
     return raw
+
+
+def check_sections(raw: Mapping[str, Any]) -> None:
+    """Raise ConfigError for a top-level key that neither lm nor lmplatform reads (naming the allowed ones)."""
+    allowed = [f.name for f in dataclasses.fields(ExperimentConfig) if f.init]
+    for key in raw:
+        if key in UNSUPPORTED_SECTIONS:
+            raise ConfigError(
+                f"section {key!r} is not supported yet: issue #{UNSUPPORTED_SECTIONS[key]} adds it; "
+                f"remove the {key}: section (and any {key}.* override)"
+            )
+        if key not in allowed and key not in PLATFORM_SECTIONS:
+            raise ConfigError(
+                f"unknown key {str(key)!r}{_suggest(str(key), allowed + sorted(PLATFORM_SECTIONS), '')} "
+                f"(allowed: {', '.join(allowed)}; and for lmplatform: {', '.join(sorted(PLATFORM_SECTIONS))})"
+            )
 
 
 def load_config(
     path: str | Path | None = None,
     overrides: Iterable[str] = (),
     base_dir: str | Path | None = None,
+    follow_extends: bool = True,
 ) -> ExperimentConfig:
-    """Load an experiment from YAML plus dotted overrides; relative paths resolve against ``base_dir`` (cwd)."""
-    raw = read_raw(path, overrides)
+    """Load an experiment from YAML plus dotted overrides; relative paths resolve against ``base_dir`` (cwd).
+
+    Checkpoints load their saved ``config.yaml`` with ``follow_extends=False``.
+    """
+    raw = read_raw(path, overrides, follow_extends)
     lm_part = {k: v for k, v in raw.items() if k not in PLATFORM_SECTIONS}
     cfg = build(ExperimentConfig, lm_part)
     return resolve_paths(cfg, Path(base_dir) if base_dir is not None else Path.cwd())
@@ -297,9 +353,9 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     for key in data:
         if key not in fields:
             dotted = f"{prefix}.{key}" if prefix else str(key)
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {dotted!r}{hint} (allowed: {', '.join(fields)})")
+            raise ConfigError(
+                f"unknown key {dotted!r}{_suggest(str(key), list(fields), prefix)} (allowed: {', '.join(fields)})"
+            )
     kwargs = {}
     for name, value in data.items():
         dotted = f"{prefix}.{name}" if prefix else name
@@ -310,8 +366,23 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
 
 
+def default_out_dir(name: str) -> str:
+    """The in-process loop's run directory when ``train.out_dir`` is not set (relative to the base directory).
+
+    ``-local`` keeps it apart from the Ray launcher's ``ray.storage_path/ray.run_name`` (``runs/<name>``).
+    """
+    return f"runs/{name}-local"
+
+
 def resolve_paths(cfg: Any, base: Path) -> Any:
-    """Return ``cfg`` with every path-like field made absolute against ``base`` (Ray workers change directory)."""
+    """Return ``cfg`` with every path-like field made absolute against ``base`` (Ray workers change directory).
+
+    On an :class:`ExperimentConfig`, an unset ``train.out_dir`` becomes ``<base>/runs/<name>-local``.
+    """
+    if isinstance(cfg, ExperimentConfig) and cfg.train.out_dir is None:
+        cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, out_dir=default_out_dir(cfg.name))
+        )
     changes = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -359,6 +430,7 @@ def with_overrides(cfg: ExperimentConfig, overrides: Sequence[str]) -> Experimen
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _set_dotted(raw, key.strip(), _parse_scalar(text))
+    check_sections(raw)
     return build(ExperimentConfig, raw)
 
 
@@ -366,7 +438,7 @@ def with_overrides(cfg: ExperimentConfig, overrides: Sequence[str]) -> Experimen
 # Helpers
 
 
-def _read_yaml_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...], follow_extends: bool = True) -> dict[str, Any]:
     path = path.expanduser()
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -377,7 +449,7 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}"
@@ -385,10 +457,49 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     parent = data.pop("extends", None)
     if parent is None:
         return data
+    if not follow_extends:
+        raise ConfigError(
+            f"config file {str(path)!r} has extends: {parent!r}, which is not followed here: a checkpoint's "
+            "config.yaml must be complete by itself"
+        )
     if not isinstance(parent, str):
         raise ConfigError(f"extends={parent!r} in {str(path)!r} must be a file name")
     base = _read_yaml_chain(path.parent / parent, (*seen, resolved))
     return _merge(base, data)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`` at line L, column C: what`` from a PyYAML error, without its ``<unicode string>`` stream name."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None and context_mark is not mark:
+        context = f"{context} started at line {context_mark.line + 1}, column {context_mark.column + 1}"
+    what = ", ".join(p for p in (context, getattr(exc, "problem", None)) if p) or type(exc).__name__
+    return f"{where}: {what}"
+
+
+def _suggest(key: str, names: Sequence[str], prefix: str) -> str:
+    """``; did you mean 'section.key'?`` for an unknown key: the closest name in its section, else a field of
+    that name (or close to it) in another section, always as the full dotted key."""
+    close = difflib.get_close_matches(key, list(names), n=1)
+    if close:
+        return f"; did you mean {(f'{prefix}.{close[0]}' if prefix else close[0])!r}?"
+    if prefix and prefix not in _section_fields():
+        return ""  # a section lm does not own (ray, tracking): only its own keys are candidates
+    leaves = {k: s for s, fields in _section_fields().items() if s != prefix for k in fields}
+    match = key if key in leaves else next(iter(difflib.get_close_matches(key, list(leaves), n=1)), None)
+    return f"; did you mean {f'{leaves[match]}.{match}'!r}?" if match else ""
+
+
+def _section_fields() -> dict[str, list[str]]:
+    """Field names of each lm section of an experiment: {'model': ['vocab_size', ...], ...}."""
+    hints = typing.get_type_hints(ExperimentConfig)
+    return {
+        f.name: [g.name for g in dataclasses.fields(hints[f.name]) if g.init]
+        for f in dataclasses.fields(ExperimentConfig)
+        if dataclasses.is_dataclass(hints[f.name])
+    }
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,9 +18,9 @@ from lm.config import (
     PLATFORM_SECTIONS,
     ConfigError,
     ExperimentConfig,
-    _check,
-    _Section,
+    Section,
     build,
+    check,
     read_raw,
     resolve_paths,
 )
@@ -30,7 +30,7 @@ _BUILT_SECTIONS = ("ray", "tracking")
 
 
 @dataclass(frozen=True)
-class RayConfig(_Section):
+class RayConfig(Section):
     """Where and how Ray Train runs the loop: workers, resources, storage, restarts."""
 
     section: ClassVar[str] = "ray"
@@ -45,24 +45,24 @@ class RayConfig(_Section):
     address: str | None = None  # None: RAY_ADDRESS or a running local head, else start one
 
     def validate(self) -> None:
-        _check(self.num_workers >= 0, "ray.num_workers", self.num_workers, "must be >= 0 (0 = local mode)")
+        check(self.num_workers >= 0, "ray.num_workers", self.num_workers, "must be >= 0 (0 = local mode)")
         self._positive("cpus_per_worker", "gpus_per_worker", "keep_checkpoints")
-        _check(
+        check(
             self.max_failures >= -1,
             "ray.max_failures",
             self.max_failures,
             "must be >= 0, or -1 for unlimited",
         )
-        _check(bool(self.storage_path), "ray.storage_path", self.storage_path, "a directory or a storage URI")
+        check(bool(self.storage_path), "ray.storage_path", self.storage_path, "a directory or a storage URI")
         if self.run_name is not None:
-            _check(
+            check(
                 bool(self.run_name) and "/" not in self.run_name,
                 "ray.run_name",
                 self.run_name,
                 "a non-empty name without '/'",
             )
         if self.gpus_per_worker is not None:
-            _check(self.use_gpu, "ray.gpus_per_worker", self.gpus_per_worker, "needs ray.use_gpu=true")
+            check(self.use_gpu, "ray.gpus_per_worker", self.gpus_per_worker, "needs ray.use_gpu=true")
 
     @property
     def is_local_storage(self) -> bool:
@@ -76,7 +76,7 @@ class RayConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     """MLflow: where runs go, under which experiment, and whether the best checkpoint is registered."""
 
     section: ClassVar[str] = "tracking"
@@ -88,7 +88,7 @@ class TrackingConfig(_Section):
 
     def validate(self) -> None:
         if self.experiment is not None:
-            _check(bool(self.experiment), "tracking.experiment", self.experiment, "a non-empty name")
+            check(bool(self.experiment), "tracking.experiment", self.experiment, "a non-empty name")
 
 
 @dataclass(frozen=True)

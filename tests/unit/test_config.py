@@ -10,6 +10,9 @@ from lm.config import (
     ConfigError,
     ExperimentConfig,
     ModelConfig,
+    Section,
+    check,
+    check_name,
     flatten,
     load_config,
     save_config,
@@ -92,11 +95,111 @@ def test_impossible_values_name_key_value_and_allowed(override: str, match: str)
         load_config(None, [override])
 
 
-def test_unknown_key_suggests_the_closest_name(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'model\.nlayer'; did you mean 'n_layer'"):
+def test_unknown_key_suggests_the_full_dotted_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.nlayer'; did you mean 'model\.n_layer'\?"):
         load_config(None, ["model.nlayer=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.lrr'; did you mean 'optim\.lr'\?"):
+        load_config(None, ["optim.lrr=3e-3"])
     with pytest.raises(ConfigError, match=r"unknown key 'optimizer'; did you mean 'optim'"):
         load_config(write(tmp_path / "x.yaml", "optimizer:\n  lr: 1\n"))
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "suggestion"),
+    [
+        ("lr=3e-3", "lr", "optim.lr"),
+        ("train.lr=3e-3", "train.lr", "optim.lr"),
+        ("n_layer=3", "n_layer", "model.n_layer"),
+    ],
+)
+def test_a_key_in_the_wrong_section_suggests_where_it_lives(override: str, key: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"unknown key {key!r}; did you mean {suggestion!r}?" in str(err.value)
+
+
+def test_unknown_section_lists_every_allowed_one_including_lmplatforms(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path / "x.yaml", "trainer:\n  batch_size: 4\n"))
+    message = str(err.value)
+    assert "unknown key 'trainer'; did you mean 'train'?" in message
+    for section in ("name", "model", "tokenizer", "data", "optim", "train", "sample", "ray", "tracking"):
+        assert f" {section}" in message.split("allowed:", 1)[1]
+
+
+@pytest.mark.parametrize(("section", "issue"), [("tune", 11), ("serve", 12)])
+def test_sections_of_open_issues_are_refused_not_ignored(tmp_path: Path, section: str, issue: int) -> None:
+    with pytest.raises(ConfigError, match=rf"section '{section}' is not supported yet: issue #{issue}"):
+        load_config(write(tmp_path / "x.yaml", f"{section}:\n  replicas: 1\n"))
+    with pytest.raises(ConfigError, match="not supported yet"):
+        load_config(None, [f"{section}.num_samples=4"])
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "-x", ".hidden", "a b", "x" * 101, "é"])
+def test_experiment_name_must_be_a_safe_directory_name(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"^name=.* is not allowed: 1-100 characters"):
+        load_config(None, [f"name={name}"] if name else ["name=''"])
+
+
+@pytest.mark.parametrize("name", ["tiny", "a", "run-2.b_c", "X" * 100])
+def test_check_name_accepts_plain_names(name: str) -> None:
+    check_name(name, "ray.run_name")
+    assert load_config(None, [f"name={name}"]).name == name
+
+
+def test_check_name_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"tracking\.experiment='a/b' is not allowed"):
+        check_name("a/b", "tracking.experiment")
+
+
+def test_check_and_section_are_public() -> None:
+    import lm.config as config
+
+    assert issubclass(ModelConfig, Section)
+    assert not hasattr(config, "_check") and not hasattr(config, "_Section")
+    with pytest.raises(ConfigError, match=r"^k=3 is not allowed: must be odd$"):
+        check(False, "k", 3, "must be odd")
+
+
+def test_out_dir_defaults_to_a_local_run_directory_per_experiment(tmp_path: Path) -> None:
+    assert ExperimentConfig().train.out_dir is None
+    assert load_config(base_dir=tmp_path).train.out_dir == str(tmp_path / "runs" / "tiny-local")
+    cfg = load_config(REPO / "experiments" / "small.yaml", base_dir=tmp_path)
+    assert cfg.train.out_dir == str(tmp_path / "runs" / "small-local")
+    assert load_config(None, ["name=x", "train.out_dir=elsewhere"], base_dir=tmp_path).train.out_dir == str(
+        tmp_path / "elsewhere"
+    )
+
+
+def test_eval_max_batches_defaults_to_the_whole_dev_split() -> None:
+    assert ExperimentConfig().train.eval_max_batches is None
+    assert load_config(REPO / "experiments" / "tiny.yaml").train.eval_max_batches is None
+    assert load_config(None, ["train.eval_max_batches=4"]).train.eval_max_batches == 4
+    with pytest.raises(ConfigError, match=r"train\.eval_max_batches=0"):
+        load_config(None, ["train.eval_max_batches=0"])
+
+
+def test_dev_fraction_default_and_limits() -> None:
+    assert ExperimentConfig().data.dev_fraction == pytest.approx(0.05)
+    assert load_config(None, ["data.dev_fraction=0.2"]).data.dev_fraction == pytest.approx(0.2)
+    for bad in ("0", "1", "-0.1"):
+        with pytest.raises(ConfigError, match=r"data\.dev_fraction=.* must be in \(0, 1\)"):
+            load_config(None, [f"data.dev_fraction={bad}"])
+    with pytest.raises(
+        ConfigError, match=r"data\.dev_fraction=0\.5 .*data\.val_fraction \(=0\.5\) must be < 1"
+    ):
+        load_config(None, ["data.dev_fraction=0.5", "data.val_fraction=0.5"])
+
+
+def test_follow_extends_false_never_reads_another_file(tmp_path: Path) -> None:
+    write(tmp_path / "base.yaml", "model:\n  n_layer: 3\n")
+    child = write(tmp_path / "config.yaml", "extends: base.yaml\nname: child\n")
+    assert load_config(child).model.n_layer == 3
+    with pytest.raises(ConfigError, match=r"has extends: 'base\.yaml', which is not followed here"):
+        load_config(child, follow_extends=False)
+    saved = tmp_path / "saved.yaml"
+    save_config(load_config(child, base_dir=tmp_path), saved)
+    assert load_config(saved, follow_extends=False) == load_config(child, base_dir=tmp_path)
 
 
 def test_a_section_that_is_not_a_mapping_is_an_error(tmp_path: Path) -> None:
@@ -116,6 +219,18 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path: Path) -> None:
         load_config(write(tmp_path / "bad.yaml", "model: [1, 2\n"))
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(None, ["model.n_layer"])
+
+
+def test_yaml_syntax_error_names_the_file_line_and_column(tmp_path: Path) -> None:
+    bad = write(tmp_path / "bad.yaml", "name: x\nmodel:\n  n_layer: 2\n   n_head: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    message = str(err.value)
+    assert message.startswith(f"config file {str(bad)!r} is not valid YAML at line 4, column 10: ")
+    assert "<unicode string>" not in message and "\n" not in message
+    child = write(tmp_path / "child.yaml", "extends: bad.yaml\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml' is not valid YAML at line 4"):
+        load_config(child)  # the file in the chain that is broken, not the one named on the command line
 
 
 def test_direct_construction_validates_too() -> None:
@@ -138,7 +253,7 @@ def test_relative_paths_resolve_against_base_dir(tmp_path: Path) -> None:
 
 def test_platform_sections_are_tolerated_by_the_lm_loader(tmp_path: Path) -> None:
     path = write(tmp_path / "x.yaml", "ray:\n  num_workers: 2\ntracking:\n  enabled: false\n")
-    assert load_config(path) == load_config()
+    assert load_config(path, base_dir=tmp_path) == load_config(base_dir=tmp_path)
 
 
 def test_flatten_and_overrides_helpers() -> None:

@@ -9,11 +9,15 @@ A checkpoint is a directory::
     metrics.json        step, losses, perplexity, bits per byte at save time
 
 It is written into a temporary sibling directory and renamed into place, so a kill mid-save never leaves a
-half-written checkpoint where a loader would find it.
+half-written checkpoint where a loader would find it. A run directory holds ``step-NNNNNN`` checkpoints, ``best``,
+``run.json`` (the run's identity and status, see :func:`update_run_record`) and ``.lock`` (one writer at a time).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +25,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,10 @@ TRAINER = "trainer.pt"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
 METRICS = "metrics.json"
+RUN_RECORD = "run.json"
+LOCK = ".lock"
+BEST = "best"
+_BEST_BACKUP = ".best-previous"  # the old best while a new one is renamed into place
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Prefixes that torch.compile and DDP add to parameter names; stripped so checkpoints interchange.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -142,28 +151,42 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint directory; any missing or corrupt file raises CheckpointError naming it."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
     if not path.is_dir():
         raise CheckpointError(
-            f"{path}: not a checkpoint directory (expected {WEIGHTS}, {CONFIG}, {TOKENIZER})"
+            f"{path}: not a checkpoint directory (expected a directory with {WEIGHTS}, {CONFIG}, {TOKENIZER})"
         )
     for name in (WEIGHTS, CONFIG, TOKENIZER):
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing; is {path} a checkpoint directory?")
     try:
-        cfg = load_config(path / CONFIG)
+        # The saved config is already resolved: following an `extends:` would read another machine's files.
+        cfg = load_config(path / CONFIG, follow_extends=False)
     except ConfigError as exc:
         raise CheckpointError(f"{path / CONFIG}: {exc}") from exc
     try:
         weights = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path / WEIGHTS}: corrupt or truncated ({exc})") from exc
-    metrics: dict[str, Any] = {}
-    if (path / METRICS).is_file():
-        try:
-            metrics = json.loads((path / METRICS).read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path / METRICS}: not valid JSON ({exc})") from exc
+    metrics = read_metrics(path)
     return Checkpoint(path, cfg, clean_state_dict(weights), metrics, path / TOKENIZER)
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's metrics.json ({} when absent); corrupt JSON raises CheckpointError."""
+    file = Path(path) / METRICS
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
+
+
+def tokenizer_sha256(path: str | Path) -> str:
+    """sha256 of a tokenizer.json file (what a resume compares with the prepared data's tokenizer)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path | str) -> None:
@@ -234,15 +257,90 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# A run directory: step-NNNNNN checkpoints (the last N kept) plus `best`.
+# A run directory: step-NNNNNN checkpoints (the last N kept), `best`, run.json and a lock.
+
+
+class RunLockedError(CheckpointError):
+    """Another process is writing to this run directory."""
+
+
+def safe_rmtree(path: str | Path, root: str | Path) -> None:
+    """Delete ``path`` only if it lies strictly inside ``root`` (symlinks resolved); anything else raises."""
+    path, root = Path(path), Path(root)
+    # A link is judged by where it stands (it alone is removed), anything else by where it really is.
+    target = path.parent.resolve() / path.name if path.is_symlink() else path.resolve()
+    owner = root.resolve()
+    if target == owner or owner not in target.parents:
+        raise CheckpointError(f"refusing to delete {path}: it is not inside {root}")
+    if path.is_symlink():  # remove the link, never what it points to
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str | Path) -> Iterator[Path]:
+    """Hold ``out_dir/.lock`` (flock) for the block: a second writer fails at once instead of racing this one."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunLockedError(
+                f"{out_dir} is in use by another `lm train` (pid {owner}); wait for it to finish, stop it, "
+                "or train into another run directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing releases the lock; the file stays (removing it would race the next locker)
+
+
+def read_run_record(out_dir: str | Path) -> dict[str, Any]:
+    """The run's ``run.json`` (identity, status, start settings), or {} when the directory has none."""
+    path = Path(out_dir) / RUN_RECORD
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable run record ({exc}); remove it or use --restart") from exc
+
+
+def update_run_record(out_dir: str | Path, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into ``run.json`` atomically (temp file, fsync, rename); returns the new record."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = read_run_record(out_dir) | fields
+    tmp = out_dir / f".tmp-{RUN_RECORD}-{os.getpid()}-{time.monotonic_ns()}"
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(record, indent=2, sort_keys=True, default=str))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out_dir / RUN_RECORD)
+    _fsync_path(out_dir)
+    return record
 
 
 class CheckpointManager:
-    """Keeps ``out_dir/step-NNNNNN`` (the last ``keep_last``) and ``out_dir/best`` (lowest val loss)."""
+    """Keeps ``out_dir/step-NNNNNN`` (the last ``keep_last``) and ``out_dir/best`` (lowest ``score_key``).
 
-    def __init__(self, out_dir: str | Path, keep_last: int = 2) -> None:
+    Every checkpoint records the ``run_id`` of the run that wrote it, and pruning only ever removes checkpoints of
+    the current run, so an older, longer run's ``step-*`` can never push a new run's checkpoints out.
+    """
+
+    def __init__(
+        self, out_dir: str | Path, keep_last: int = 2, run_id: str | None = None, score_key: str = "dev_loss"
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.keep_last = keep_last
+        self.run_id = run_id
+        self.score_key = score_key
 
     def step_dirs(self) -> list[Path]:
         """Complete step checkpoints, oldest first (temp dirs of interrupted saves are ignored)."""
@@ -263,36 +361,104 @@ class CheckpointManager:
     @property
     def best_path(self) -> Path:
         """Where the best checkpoint lives."""
-        return self.out_dir / "best"
+        return self.out_dir / BEST
 
-    def best_val_loss(self) -> float | None:
-        """Validation loss of the current best checkpoint, if any."""
-        metrics = self.best_path / METRICS
-        if not metrics.is_file():
-            return None
+    def best_score(self) -> float | None:
+        """``score_key`` of the current best checkpoint, if it belongs to this run."""
         try:
-            return json.loads(metrics.read_text()).get("val_loss")
-        except json.JSONDecodeError:
+            metrics = read_metrics(self.best_path)
+        except CheckpointError:
             return None
+        if self.run_id is not None and metrics.get("run_id") != self.run_id:
+            return None  # another run's best: never compared with
+        return metrics.get(self.score_key)
 
     def save(self, step: int, **kwargs: Any) -> Path:
-        """Save ``step-NNNNNN``, update ``best`` when val_loss improved, prune old steps; returns the new path."""
-        path = save_checkpoint(self.out_dir / f"step-{step:06d}", **kwargs)
-        val_loss = (kwargs.get("metrics") or {}).get("val_loss")
-        best = self.best_val_loss()
-        if val_loss is not None and (best is None or val_loss <= best):
+        """Save ``step-NNNNNN``, update ``best`` when the score improved, prune old steps; returns the new path."""
+        metrics = dict(kwargs.pop("metrics", None) or {})
+        if self.run_id is not None:
+            metrics["run_id"] = self.run_id
+        path = save_checkpoint(self.out_dir / f"step-{step:06d}", metrics=metrics, **kwargs)
+        score, best = metrics.get(self.score_key), self.best_score()
+        if score is not None and (best is None or score <= best):
             # best is weights-only: nobody resumes from it, and optimizer state would triple its size
-            save_checkpoint(self.best_path, **{**kwargs, "trainer_state": None})
-        for old in self.step_dirs()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            self.replace_best(path)
+        mine = [p for p in self.step_dirs() if self._is_mine(p)]
+        for old in mine[: -self.keep_last]:
+            safe_rmtree(old, self.out_dir)
         self.clean_temp()
         return path
+
+    def replace_best(self, checkpoint: Path) -> None:
+        """Make ``best`` a weights-only copy of ``checkpoint``; recoverable at every instant (see :meth:`recover`)."""
+        tmp = self.out_dir / f".tmp-best-{os.getpid()}-{time.monotonic_ns()}"
+        tmp.mkdir()
+        try:
+            for name in (WEIGHTS, CONFIG, TOKENIZER, METRICS):
+                shutil.copyfile(checkpoint / name, tmp / name)
+            _fsync_dir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        backup = self.out_dir / _BEST_BACKUP
+        if self.best_path.exists():
+            if backup.exists():  # a backup of an earlier replacement whose new best did land
+                safe_rmtree(backup, self.out_dir)
+            os.replace(self.best_path, backup)  # a kill from here on: recover() puts it back
+        os.replace(tmp, self.best_path)
+        _fsync_path(self.out_dir)
+        if backup.exists():
+            safe_rmtree(backup, self.out_dir)
+
+    def update_best_metrics(self, extra: dict[str, Any]) -> None:
+        """Add entries (e.g. the validation score) to ``best/metrics.json``, atomically."""
+        file = self.best_path / METRICS
+        tmp = self.best_path / f".tmp-{METRICS}"
+        tmp.write_text(json.dumps(read_metrics(self.best_path) | extra, indent=2, sort_keys=True))
+        os.replace(tmp, file)
+
+    def recover(self) -> None:
+        """After a kill: restore a ``best`` that was moved aside but not yet replaced; drop temp dirs."""
+        backup = self.out_dir / _BEST_BACKUP
+        if backup.is_dir():
+            if self.best_path.exists():
+                safe_rmtree(backup, self.out_dir)
+            else:
+                os.replace(backup, self.best_path)
+                log.warning("restored %s from a replacement interrupted by a kill", self.best_path)
+        self.clean_temp()
+
+    def reset(self) -> None:
+        """Remove everything a run wrote here (checkpoints, best, run record, temp dirs); other files stay."""
+        if not self.out_dir.is_dir():
+            return
+        for p in self.out_dir.iterdir():
+            if (
+                _STEP_DIR.match(p.name)
+                or p.name in (BEST, _BEST_BACKUP, RUN_RECORD)
+                or p.name.startswith(".tmp-")
+            ):
+                if p.is_dir() and not p.is_symlink():
+                    safe_rmtree(p, self.out_dir)
+                else:
+                    p.unlink()
 
     def clean_temp(self) -> None:
         """Remove temp dirs left behind by saves that were killed."""
         if self.out_dir.is_dir():
             for p in self.out_dir.glob(".tmp-*"):
-                shutil.rmtree(p, ignore_errors=True)
+                if p.is_dir():
+                    safe_rmtree(p, self.out_dir)
+                else:
+                    p.unlink(missing_ok=True)
+
+    def _is_mine(self, path: Path) -> bool:
+        if self.run_id is None:
+            return True
+        try:
+            return read_metrics(path).get("run_id") == self.run_id
+        except CheckpointError:
+            return False
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -304,9 +470,20 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+    _fsync_path(dst.parent)
 
 
 def _fsync_dir(path: Path) -> None:
+    """fsync every file in ``path`` and the directory itself."""
     for child in path.iterdir():
         with open(child, "rb") as fh:
             os.fsync(fh.fileno())
+    _fsync_path(path)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -7,7 +7,6 @@ Windows are non-overlapping, so every token is scored exactly once, with the con
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import socket
@@ -76,9 +75,11 @@ def score_tokens(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     max_batches: int | None = None,
-    autocast: contextlib.AbstractContextManager | None = None,
 ) -> tuple[float, int]:
-    """Sum of NLL (nats) and number of predicted tokens over ``tokens`` in non-overlapping windows."""
+    """Sum of NLL (nats) and number of predicted tokens over ``tokens`` in non-overlapping windows.
+
+    Always fp32, even inside an autocast region, so a training run, ``lm eval`` and MLflow agree on a checkpoint.
+    """
     was_training = model.training
     model.eval()
     nll = 0.0
@@ -86,7 +87,7 @@ def score_tokens(
     try:
         for x, y in iter_eval_batches(tokens, block_size, batch_size, max_batches=max_batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast or contextlib.nullcontext():
+            with torch.autocast(torch.device(device).type, enabled=False):
                 logits, _ = model(x)
             nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
             count += y.numel()
@@ -103,12 +104,11 @@ def evaluate_split(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     max_batches: int | None = None,
-    autocast: contextlib.AbstractContextManager | None = None,
     model_name: str = "model",
     text_name: str = "val",
 ) -> EvalResult:
     """Score a tokenized split; with ``max_batches`` only a prefix, its byte count scaled to the tokens scored."""
-    nll, count = score_tokens(model, tokens, block_size, batch_size, device, max_batches, autocast)
+    nll, count = score_tokens(model, tokens, block_size, batch_size, device, max_batches)
     if count == 0:
         raise EvalError(f"the {text_name} split has no tokens to score")
     total_targets = max(len(tokens) - 1, 1)
@@ -154,7 +154,8 @@ def load_hf_causal_lm(name_or_path: str, device: str | torch.device = "cpu") -> 
     except (OSError, ValueError) as exc:
         hint = (
             "the Hugging Face hub is not reachable from here (or the name is wrong); download it on a machine "
-            "with access (e.g. `huggingface-cli download gpt2 --local-dir gpt2`) and pass that directory"
+            f"with access (`hf download {name_or_path} --local-dir {Path(name_or_path).name}`, hf being "
+            "huggingface_hub's command) and pass that directory"
             if not local.exists()
             else "that directory does not hold a transformers causal LM with its tokenizer"
         )

@@ -7,18 +7,28 @@ line and exit 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from lm.checkpoint import CheckpointError, load_model
-from lm.config import ConfigError, ExperimentConfig, SampleConfig, load_config
+from lm.checkpoint import CONFIG, METRICS, TOKENIZER, WEIGHTS, CheckpointError, CheckpointManager, load_model
+from lm.config import (
+    BUILTIN_CORPORA,
+    ConfigError,
+    ExperimentConfig,
+    SampleConfig,
+    flatten,
+    load_config,
+    to_dict,
+)
 from lm.data import DataError, prepare_data
-from lm.evaluate import EvalError, evaluate_hf_baseline, evaluate_split, format_report
+from lm.evaluate import EvalError, EvalResult, evaluate_hf_baseline, evaluate_split, format_report
 from lm.generate import iter_generate
 from lm.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 from lm.train import TrainError, resolve_device, train
@@ -28,6 +38,9 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, DataError, CheckpointError, TokenizerError, TrainError, EvalError, FileNotFoundError,
 )  # fmt: skip
 Handler = Callable[[argparse.Namespace], int]
+# Turns what the user typed after `lm eval` / `lm generate` into a checkpoint directory. lm's own understands
+# checkpoint and run directories; lmplatform's adds MLflow run ids and models:/ URIs (set_defaults(resolve=...)).
+Resolver = Callable[[argparse.Namespace], Path]
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -117,9 +130,10 @@ def print_sample(checkpoint: Path, cfg: ExperimentConfig) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity and bits per byte of a checkpoint (and optionally a Hugging Face baseline) on a split."""
+    checkpoint = args.resolve(args)
     device = resolve_device(args.device)
-    model, cfg, _ = load_model(args.checkpoint, device)
-    data = prepare_data(_with_tokenizer(cfg, Path(args.checkpoint)), progress=True)
+    model, cfg, _ = load_model(checkpoint, device)
+    data = prepare_data(eval_data_config(cfg, checkpoint, args.corpus, args.cache_dir), progress=True)
     if args.split not in data.splits:
         raise DataError(
             f"--split {args.split!r}: corpus {cfg.data.corpus!r} has splits {', '.join(data.splits)}"
@@ -127,40 +141,124 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = [
         evaluate_split(
             model, data.tokens(args.split), data.num_bytes(args.split), cfg.model.block_size,
-            batch_size=args.batch_size, device=device, model_name=str(args.checkpoint), text_name=args.split,
+            batch_size=args.batch_size, device=device, model_name=args.checkpoint, text_name=args.split,
         )
     ]  # fmt: skip
     if args.baseline:
-        results.append(
-            evaluate_hf_baseline(
-                args.baseline, data.text(args.split), args.split, args.baseline_window, device=device
+        try:
+            results.append(
+                evaluate_hf_baseline(
+                    args.baseline, data.text(args.split), args.split, args.baseline_window, device=device
+                )
             )
-        )
-    print(format_report(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.as_dict() for r in results], indent=2))
+        except EvalError:
+            _report(results, args.json)  # the model's own numbers are computed: show them, then the error
+            raise
+    _report(results, args.json)
     return 0
 
 
-def _with_tokenizer(cfg: ExperimentConfig, checkpoint: Path) -> ExperimentConfig:
-    """Evaluate with the checkpoint's own tokenizer, whatever the config says."""
-    import dataclasses
+def _report(results: list[EvalResult], json_path: str | None) -> None:
+    print(format_report(results))
+    if json_path:
+        Path(json_path).write_text(json.dumps([r.as_dict() for r in results], indent=2))
 
-    tok = dataclasses.replace(cfg.tokenizer, path=str((checkpoint / "tokenizer.json").resolve()))
-    return dataclasses.replace(cfg, tokenizer=tok)
+
+def eval_data_config(
+    cfg: ExperimentConfig, checkpoint: Path, corpus: str | None = None, cache_dir: str | None = None
+) -> ExperimentConfig:
+    """The data to evaluate a checkpoint on, on this machine.
+
+    The checkpoint's own tokenizer and its corpus (or ``corpus``); the token cache under ``cache_dir`` (default
+    ``./data``), never the cache path saved in the checkpoint, which may be another machine's.
+    """
+    corpus = corpus or cfg.data.corpus
+    if corpus not in BUILTIN_CORPORA:
+        corpus = str(Path(corpus).expanduser().resolve())
+        if not Path(corpus).exists():
+            raise DataError(
+                f"corpus {corpus} does not exist here (the checkpoint was trained on {cfg.data.corpus}); "
+                f"pass --corpus with a file, a folder or one of {', '.join(BUILTIN_CORPORA)}"
+            )
+    cache = str(Path(cache_dir or "data").expanduser().resolve())
+    tokenizer = dataclasses.replace(cfg.tokenizer, path=str((checkpoint / TOKENIZER).resolve()))
+    data = dataclasses.replace(cfg.data, corpus=corpus, cache_dir=cache)
+    return dataclasses.replace(cfg, tokenizer=tokenizer, data=data)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Sample text from a checkpoint, streaming tokens to the terminal."""
+    checkpoint = args.resolve(args)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         stream_sample(
-            Path(args.checkpoint), args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+            checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
             args.seed + i, args.device,
         )  # fmt: skip
         print()
     return 0
+
+
+def resolve_checkpoint(args: argparse.Namespace) -> Path:
+    """``args.checkpoint`` as a checkpoint directory: itself, or a run directory's best (else latest) one."""
+    return checkpoint_dir(args.checkpoint)
+
+
+def checkpoint_dir(ref: str) -> Path:
+    """A checkpoint directory, or a run directory meaning its ``best/`` checkpoint (said on stderr)."""
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"{ref} does not exist: pass a checkpoint directory (runs/tiny/best) or a run directory (runs/tiny)"
+        )
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{ref} is a file: pass a checkpoint directory (runs/tiny/best) or a run directory"
+        )
+    if (path / WEIGHTS).exists() or (path / CONFIG).exists():
+        return path  # a checkpoint; load_model names whatever is missing from it
+    best = path / "best"
+    if (best / WEIGHTS).is_file():
+        print(f"{ref}: using its best checkpoint {best}{_step_note(best)}", file=sys.stderr)
+        return best
+    latest = CheckpointManager(path).latest()
+    if latest is not None:
+        print(
+            f"{ref}: no best checkpoint yet, using its latest {latest}{_step_note(latest)}", file=sys.stderr
+        )
+        return latest
+    contents = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    shown = ", ".join(contents[:8]) + (f" and {len(contents) - 8} more" if len(contents) > 8 else "")
+    raise CheckpointError(
+        f"{ref} holds no checkpoint (it contains {shown or 'nothing'}): pass a checkpoint directory (with "
+        f"{WEIGHTS}, {CONFIG}, {TOKENIZER}) or a run directory with best/ or step-NNNNNN/ in it, such as runs/tiny"
+    )
+
+
+def _step_note(checkpoint: Path) -> str:
+    try:
+        step = json.loads((checkpoint / METRICS).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        step = None
+    return f" (step {int(step):,})" if isinstance(step, (int, float)) and float(step).is_integer() else ""
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print the resolved configuration, one ``key: value`` line per setting."""
+    print(format_settings(to_dict(config_from_args(args))))
+    return 0
+
+
+def format_settings(settings: dict[str, Any]) -> str:
+    """Nested settings as dotted ``key: value`` lines (YAML scalars: null, true, 3e-3), every key shown."""
+    import yaml
+
+    def scalar(value: Any) -> str:
+        text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+        return text.removesuffix("\n...").strip()
+
+    return "\n".join(f"{key}: {scalar(value)}" for key, value in flatten(settings).items())
 
 
 def stream_sample(
@@ -210,7 +308,13 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("config", help="experiment YAML, e.g. experiments/tiny.yaml")
     else:
         p.add_argument("--config", default=None, help="experiment YAML (default: the built-in tiny preset)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-3 train.max_seconds=120")
+    # default=[] makes the positional optional (argparse otherwise lists it as required in its errors)
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        help="optional dotted overrides, e.g. optim.lr=3e-3 train.max_seconds=120",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,7 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text")
     p.set_defaults(handler=cmd_tokenizer_encode)
 
-    p = sub.add_parser("train", help="train a model (in this process with --local)")
+    p = sub.add_parser(
+        "train",
+        help="train a model (in this process with --local)",
+        usage="%(prog)s [options] CONFIG [KEY=VALUE ...]",
+        description="Train the experiment in CONFIG; KEY=VALUE overrides are optional.",
+    )
     _add_config_args(p)
     p.add_argument("--out", help="run directory (train.out_dir)")
     p.add_argument("--local", action="store_true", help="run in this process, without Ray")
@@ -247,9 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sample", action="store_true", help="skip the sample printed after training")
     p.set_defaults(handler=cmd_train)
 
+    ckpt_help = "a checkpoint directory, or a run directory (its best checkpoint), e.g. runs/tiny"
     p = sub.add_parser("eval", help="perplexity and bits per byte of a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--split", default="val")
+    p.add_argument("checkpoint", help=ckpt_help)
+    p.add_argument("--split", default="val", help="dev, val (default), or test where the corpus has one")
+    p.add_argument(
+        "--corpus", help="text to score (default: the checkpoint's corpus): a file, folder or name"
+    )
+    p.add_argument("--cache-dir", help="token cache directory (default: ./data)")
     p.add_argument(
         "--baseline", help="also score a transformers causal LM: 'gpt2' (needs the hub) or a local dir"
     )
@@ -257,10 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.set_defaults(handler=cmd_eval)
+    p.set_defaults(handler=cmd_eval, resolve=resolve_checkpoint)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help=ckpt_help)
     p.add_argument("--prompt", default="ROMEO:")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -269,7 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.set_defaults(handler=cmd_generate)
+    p.set_defaults(handler=cmd_generate, resolve=resolve_checkpoint)
+
+    p = sub.add_parser("config", help="show the resolved configuration of an experiment")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    p = config_sub.add_parser(
+        "show",
+        help="every setting with its value, after the YAML and the overrides",
+        usage="%(prog)s [-h] CONFIG [KEY=VALUE ...]",
+    )
+    _add_config_args(p)
+    p.set_defaults(handler=cmd_config_show)
     return parser
 
 

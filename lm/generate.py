@@ -170,14 +170,7 @@ def generate(
     return torch.cat([idx, torch.stack(steps, dim=1)], dim=1)  # (B, T0) + (B, n) -> (B, T0 + n)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lm.generate CHECKPOINT --prompt ...`` is ``lm generate``."""
-    import sys
+if __name__ == "__main__":  # python -m lm.generate: `lm generate` (the CLI lives in lm.__main__)
+    from lm.__main__ import run_module
 
-    from lm.cli import main as cli_main
-
-    return cli_main(["generate", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_module("generate"))

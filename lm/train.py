@@ -8,16 +8,26 @@ Per optimizer step: ``grad_accum_steps`` micro-batches (``no_sync`` on all but t
 scaled by 1/accum, gradients unscaled (fp16) and clipped by global norm, AdamW step, then the LR for the next
 step from warmup + cosine/linear decay over the run's progress. Progress is the furthest of the configured
 budgets (steps, tokens, wall-clock seconds), so a 120-second run decays its LR to ``min_lr`` exactly at 120 s.
+
+The run in phases: :func:`_setup` (validate, resume or start clean, build model/optimizer/data), then per step
+:func:`_train_step`, :func:`_evaluate_and_checkpoint` at the intervals, and :func:`_finish` (final evaluation on
+the dev and val splits, last checkpoint, run record). Every in-training evaluation scores the same ``dev`` tokens
+(held out of the training text), so the checkpoints that compete for ``best`` are compared fairly; ``val`` is
+scored once, at the end, and is what runs report. SIGINT/SIGTERM (or ``hooks.should_stop()``) end the run at the
+next step boundary with a checkpoint every rank agrees on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
-import sys
+import signal
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +38,17 @@ import torch
 import torch.nn as nn
 
 from lm.checkpoint import (
+    Checkpoint,
     CheckpointManager,
     capture_rng_state,
     load_checkpoint,
     load_weights_into,
+    read_metrics,
+    read_run_record,
     restore_rng_state,
+    run_lock,
+    tokenizer_sha256,
+    update_run_record,
 )
 from lm.config import ExperimentConfig, OptimConfig, TrainConfig, flatten, to_dict
 from lm.data import BlockSampler, PreparedData, prepare_data
@@ -46,6 +62,16 @@ class TrainError(RuntimeError):
     """Training cannot start or continue (bad device, incompatible checkpoint, ...)."""
 
 
+class RunFinishedError(TrainError):
+    """The run directory holds a run that already trained its whole budget: resuming would train nothing."""
+
+    def __init__(self, message: str, step: int, metrics: dict[str, Any], checkpoint: Path) -> None:
+        super().__init__(message)
+        self.step = step
+        self.metrics = metrics
+        self.checkpoint = checkpoint
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Seams for launchers
 
@@ -54,8 +80,8 @@ def _identity(model: nn.Module) -> nn.Module:
     return model
 
 
-def _same(value: float) -> float:
-    return value
+def _same(values: list[float]) -> list[float]:
+    return values
 
 
 @dataclass
@@ -66,7 +92,9 @@ class DistributedContext:
     world_size: int = 1
     device: torch.device | None = None  # None: from train.device
     wrap_model: Callable[[nn.Module], nn.Module] = _identity  # e.g. DDP
-    broadcast: Callable[[float], float] = _same  # rank 0's value on every rank (keeps time budgets in step)
+    # Element-wise max over ranks: every rank sees the same elapsed time and stop request, so all stop at the same
+    # step (a rank that stopped alone would deadlock the others' next all-reduce).
+    all_max: Callable[[list[float]], list[float]] = _same
 
     @property
     def is_main(self) -> bool:
@@ -85,13 +113,13 @@ class Hooks:
         """Training metrics every ``train.log_interval`` steps (every rank)."""
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """Validation metrics after each evaluation (every rank)."""
+        """Metrics of every evaluation (every rank): dev_* always, val_* too at the end of the run."""
 
     def on_checkpoint(self, step: int, metrics: dict[str, float], path: Path | None) -> None:
         """After a checkpoint was saved; ``path`` is None on ranks other than 0 (which do not write)."""
 
     def should_stop(self) -> bool:
-        """Return True to end training early (the final evaluation and checkpoint still happen)."""
+        """Return True to stop at this step boundary: the loop checkpoints and returns ``interrupted=True``."""
         return False
 
 
@@ -108,6 +136,10 @@ class TrainResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: Path | None = None
+    interrupted: bool = False  # stopped by a signal or hooks.should_stop(); resumable from last_checkpoint
+    trained_steps: int = 0  # steps this call trained (0: nothing new, e.g. a stop before the first step)
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -201,22 +233,26 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) 
     )
 
 
-def lr_at(optim: OptimConfig, step: int, progress: float, warmup_progress: float) -> float:
+def lr_at(
+    optim: OptimConfig, step: int, progress: float, warmup_progress: float, start_lr: float | None = None
+) -> float:
     """Learning rate for ``step``: linear warmup over ``warmup_steps``, then decay over the remaining progress.
 
     ``progress`` in [0, 1] is how far the run is through its budget; ``warmup_progress`` is the progress at
-    which warmup ended. With a step budget this is the textbook schedule:
-    ``min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * (step - warmup) / (max_steps - warmup)))``.
+    which the decay starts from ``start_lr`` (default ``optim.lr``: the end of warmup). With a step budget this
+    is the textbook schedule: ``min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * (step - warmup) / (max_steps -
+    warmup)))``. A budget changed on resume moves the start to where the run was, so the LR never jumps back up.
     """
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
     if optim.schedule == "constant":
         return optim.lr
+    top = optim.lr if start_lr is None else start_lr
     span = max(1.0 - warmup_progress, 1e-12)
     q = min(max((progress - warmup_progress) / span, 0.0), 1.0)
     if optim.schedule == "linear":
-        return optim.lr - (optim.lr - optim.min_lr) * q
-    return optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * q))
+        return top - (top - optim.min_lr) * q
+    return optim.min_lr + (top - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * q))
 
 
 def budget_progress(train: TrainConfig, step: int, tokens: int, elapsed: float) -> float:
@@ -239,8 +275,35 @@ def budget_progress(train: TrainConfig, step: int, tokens: int, elapsed: float) 
 class _State:
     step: int = 0
     tokens: int = 0
-    elapsed: float = 0.0
-    warmup_progress: float | None = None
+    elapsed: float = 0.0  # training wall clock, including in-training evaluations and checkpoints
+    warmup_progress: float | None = None  # progress at which the LR decay starts
+    decay_from_lr: float | None = None  # the LR the decay starts from (None: optim.lr)
+    lr: float = 0.0  # the LR of the last step
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds while it goes (built by :func:`_setup`)."""
+
+    cfg: ExperimentConfig
+    data: PreparedData
+    hooks: Hooks
+    dist: DistributedContext
+    device: torch.device
+    model: nn.Module
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: BlockSampler
+    manager: CheckpointManager
+    state: _State
+    run_id: str
+    resumed_from: Path | None
+    start_step: int
+    autocast: contextlib.AbstractContextManager
+    history: list[dict[str, float]] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+    evaluated: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> dev metrics (run once)
 
 
 def train(
@@ -249,23 +312,89 @@ def train(
     hooks: Hooks | None = None,
     dist: DistributedContext | None = None,
     resume: bool | str | Path = True,
+    *,
+    lock: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+    handle_signals: bool = True,
 ) -> TrainResult:
-    """Train ``cfg`` to its budget, evaluate on the full validation split and save checkpoints.
+    """Train ``cfg`` to its budget, evaluate on the dev and val splits and save checkpoints.
 
-    ``resume=True`` continues from the newest checkpoint in ``train.out_dir`` if there is one; a path resumes
-    from that checkpoint directory; False starts fresh (existing step checkpoints are left alone until pruned).
+    ``resume=True`` continues from the newest checkpoint in ``train.out_dir`` if there is one (a run that
+    already finished its budget raises :class:`RunFinishedError`); a path resumes from that checkpoint
+    directory; False starts a clean run, removing the previous run's checkpoints first. ``lock=False`` when
+    the caller already holds :func:`run_lock` on the directory; ``clock`` measures the time budget.
     """
     hooks = hooks or Hooks()
     dist = dist or DistributedContext()
+    out_dir = Path(cfg.train.out_dir)
+    with run_lock(out_dir) if lock and dist.is_main else contextlib.nullcontext():
+        run = _setup(cfg, data, hooks, dist, resume)
+        try:
+            with _StopRequests(handle_signals) as stop:
+                interrupted = _loop(run, stop, clock)
+            return _finish(run, interrupted)
+        except BaseException as exc:
+            if dist.is_main and not isinstance(exc, RunFinishedError):
+                update_run_record(
+                    out_dir, status="failed", step=run.state.step, error=f"{type(exc).__name__}: {exc}"
+                )
+            raise
+
+
+def preflight(
+    cfg: ExperimentConfig,
+    out_dir: Path | None = None,
+    resume: bool | str | Path = True,
+    data: PreparedData | None = None,
+) -> Path | None:
+    """Check, without training or writing, that ``cfg`` can start or resume in ``out_dir``.
+
+    Raises :class:`RunFinishedError` when the run already trained its budget, :class:`TrainError` when its
+    checkpoint has another model shape or (with ``data``) another tokenizer. Returns the checkpoint a resume
+    would start from (None: a fresh start). Launchers call it before their first tracking write.
+    """
+    out_dir = Path(out_dir if out_dir is not None else cfg.train.out_dir)
+    path = _resume_path(CheckpointManager(out_dir), resume)
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path)
+    _check_compatible(path, ckpt.config, cfg, ckpt.tokenizer_path, data)
+    trainer = ckpt.trainer_state()
+    if trainer is None:
+        raise TrainError(f"cannot resume from {path}: it holds weights only (no trainer.pt)")
+    progress = budget_progress(cfg.train, trainer["step"], trainer["tokens"], trainer["elapsed"])
+    if progress >= 1.0:
+        metrics = read_metrics(path)
+        ppl = metrics.get("val_ppl", metrics.get("dev_ppl"))
+        what = "val" if "val_ppl" in metrics else "dev"
+        score = f" ({what} perplexity {ppl:.2f})" if ppl is not None else ""
+        raise RunFinishedError(
+            f"run {cfg.name} in {out_dir} finished at step {trainer['step']:,}{score}: its budget "
+            f"({_describe_budget(cfg.train)}) is used up, so there is nothing to train",
+            trainer["step"], metrics, path,
+        )  # fmt: skip
+    return path
+
+
+def _setup(
+    cfg: ExperimentConfig,
+    data: PreparedData | None,
+    hooks: Hooks,
+    dist: DistributedContext,
+    resume: bool | str | Path,
+) -> _Run:
+    """Validate, then resume or start clean; build the model, optimizer and sampler."""
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     device = dist.device or resolve_device(tc.device)
     amp_dtype = resolve_amp(tc.amp, device)
     out_dir = Path(tc.out_dir)
-    manager = CheckpointManager(out_dir, tc.keep_last)
-
     data = data or prepare_data(cfg, progress=dist.is_main)
+    if resume is True and dist.is_main:
+        CheckpointManager(out_dir).recover()  # a kill while `best` was replaced: put the old one back
+    resumed_from = preflight(cfg, out_dir, resume, data)  # nothing written before everything is checked
+
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = TransformerLM(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.optim, device)
@@ -275,174 +404,353 @@ def train(
         world_size=dist.world_size,
     )  # fmt: skip
     state = _State()
-    resumed_from = _resume_path(manager, resume)
+    record = read_run_record(out_dir)
     if resumed_from is not None:
-        _restore(resumed_from, model, optimizer, scaler, sampler, state, cfg)
+        ckpt, trainer = _restore(resumed_from, model, optimizer, scaler, sampler, state, cfg, dist)
+        run_id = trainer.get("run_id") or ckpt.metrics.get("run_id") or uuid.uuid4().hex
+        _warn_changed(resumed_from, record.get("started_config") or to_dict(ckpt.config), cfg)
+        _rebase_schedule(trainer.get("budget"), state, cfg)
         log.info("resumed from %s at step %d (%.1fs trained)", resumed_from, state.step, state.elapsed)
     else:
+        run_id = uuid.uuid4().hex
+        if dist.is_main:
+            CheckpointManager(out_dir).reset()  # --restart: nothing of the previous run survives
         seed_everything(tc.seed + dist.rank)  # dropout noise differs per rank
-
+    manager = CheckpointManager(out_dir, tc.keep_last, run_id=run_id)
+    if dist.is_main:
+        started = record.get("started_config") if record.get("run_id") == run_id else None
+        update_run_record(
+            out_dir, run_id=run_id, status="running", step=state.step, started_config=started or to_dict(cfg)
+        )
     wrapped = dist.wrap_model(model)
     if tc.compile:
         wrapped = torch.compile(wrapped)
-    autocast = autocast_context(device, amp_dtype)
-    tokens_per_step = cfg.tokens_per_step * dist.world_size
-    history: list[dict[str, float]] = []
-    metrics: dict[str, float] = {}
-
-    def evaluate(max_batches: int | None) -> EvalResult:
-        return evaluate_split(
-            model, data.tokens("val"), data.num_bytes("val"), cfg.model.block_size,
-            batch_size=max(tc.batch_size, 32), device=device, max_batches=max_batches, autocast=autocast,
-        )  # fmt: skip
-
-    def save(metrics: dict[str, float]) -> Path | None:
-        path = None
-        if dist.is_main:
-            path = manager.save(
-                state.step, model=model, cfg=cfg, tokenizer=data.tokenizer_path, metrics=metrics,
-                trainer_state=_trainer_state(optimizer, scaler, sampler, state),
-            )  # fmt: skip
-        hooks.on_checkpoint(state.step, metrics, path)
-        return path
-
+    run = _Run(
+        cfg, data, hooks, dist, device, model, wrapped, optimizer, scaler, sampler, manager, state, run_id,
+        resumed_from, state.step, autocast_context(device, amp_dtype),
+    )  # fmt: skip
+    if tc.compile:
+        _warm_up_compiled(run)
     if dist.is_main:
         log.info(
             "training %s: %s parameters (%s non-embedding), %d tokens/step, device %s, amp %s, budget %s",
             cfg.name, f"{model.num_parameters():,}", f"{model.num_parameters(non_embedding=True):,}",
-            tokens_per_step, device, amp_dtype or "off", _describe_budget(tc),
+            _tokens_per_step(run), device, amp_dtype or "off", _describe_budget(tc),
         )  # fmt: skip
-    model.train()
+    return run
+
+
+def _loop(run: _Run, stop: _StopRequests, clock: Callable[[], float]) -> bool:
+    """Train to the budget or a stop request; returns True when stopped early (interrupted)."""
+    cfg, tc, state, hooks = run.cfg, run.cfg.train, run.state, run.hooks
+    run.model.train()
     hooks.on_start()
-    t_start = time.perf_counter() - state.elapsed
-    t_log, tokens_log = time.perf_counter(), state.tokens
-    last_path: Path | None = None
-    loss_sum = torch.zeros((), device=device)
+    t_start = clock() - state.elapsed  # resume: the budget continues where the saved run stopped
+    t_log, tokens_log = clock(), state.tokens
+    loss_sum = torch.zeros((), device=run.device)
     loss_count = 0
-    try:
-        while True:
-            state.elapsed = (
-                dist.broadcast(time.perf_counter() - t_start)
-                if tc.max_seconds
-                else (time.perf_counter() - t_start)
-            )
-            progress = budget_progress(tc, state.step, state.tokens, state.elapsed)
-            if progress >= 1.0 or hooks.should_stop():
-                break
-            if state.warmup_progress is None and state.step >= cfg.optim.warmup_steps:
-                state.warmup_progress = progress
-            lr = lr_at(cfg.optim, state.step, progress, state.warmup_progress or 0.0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    while True:
+        elapsed, stop_flag = run.dist.all_max(
+            [clock() - t_start, float(stop.requested or hooks.should_stop())]
+        )
+        state.elapsed = elapsed
+        progress = budget_progress(tc, state.step, state.tokens, state.elapsed)
+        if progress >= 1.0:
+            return False
+        if stop_flag:
+            return True
+        if state.warmup_progress is None and state.step >= cfg.optim.warmup_steps:
+            state.warmup_progress = progress
+        state.lr = lr_at(cfg.optim, state.step, progress, state.warmup_progress or 0.0, state.decay_from_lr)
+        step_loss, grad_norm = _train_step(run, state.lr)
+        loss_sum += step_loss
+        loss_count += 1
+        state.step += 1
+        state.tokens += _tokens_per_step(run)
 
-            for micro in range(tc.grad_accum_steps):
-                x, y = sampler.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                last_micro = micro == tc.grad_accum_steps - 1
-                sync = (
-                    contextlib.nullcontext()
-                    if last_micro or not hasattr(wrapped, "no_sync")
-                    else wrapped.no_sync()
-                )
-                with sync:
-                    with autocast:
-                        _, loss = wrapped(x, y)
-                    scaler.scale(loss / tc.grad_accum_steps).backward()
-                loss_sum += loss.detach()
-                loss_count += 1
-            grad_norm = None
-            if cfg.optim.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.tokens += tokens_per_step
+        if state.step % tc.log_interval == 0:
+            now = clock()
+            metrics = {
+                "train_loss": (loss_sum / loss_count).item(),
+                "lr": state.lr,
+                "tokens_per_s": (state.tokens - tokens_log) / max(now - t_log, 1e-9),
+                "tokens": float(state.tokens),
+                "elapsed_s": now - t_start,
+                "progress": budget_progress(tc, state.step, state.tokens, now - t_start),
+            }
+            if grad_norm is not None:
+                metrics["grad_norm"] = grad_norm
+            loss_sum.zero_()
+            loss_count = 0
+            t_log, tokens_log = now, state.tokens
+            run.history.append({"step": float(state.step), **metrics})
+            hooks.on_log(state.step, metrics)
+            if run.dist.is_main:
+                log.info(_progress_line(state.step, metrics))
+        want_eval = bool(tc.eval_interval) and state.step % tc.eval_interval == 0
+        want_checkpoint = bool(tc.checkpoint_interval) and state.step % tc.checkpoint_interval == 0
+        if want_eval or want_checkpoint:
+            _evaluate_and_checkpoint(run, want_checkpoint, lambda: clock() - t_start)
 
-            if state.step % tc.log_interval == 0:
-                now = time.perf_counter()
-                elapsed = now - t_start
-                metrics = {
-                    "train_loss": (loss_sum / loss_count).item(),
-                    "lr": lr,
-                    "tokens_per_s": (state.tokens - tokens_log) / max(now - t_log, 1e-9),
-                    "tokens": float(state.tokens),
-                    "elapsed_s": elapsed,
-                    "progress": budget_progress(tc, state.step, state.tokens, elapsed),
-                }
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                loss_sum.zero_()
-                loss_count = 0
-                t_log, tokens_log = now, state.tokens
-                history.append({"step": float(state.step), **metrics})
-                hooks.on_log(state.step, metrics)
-                if dist.is_main:
-                    log.info(_progress_line(state.step, metrics))
-            if tc.eval_interval and state.step % tc.eval_interval == 0:
-                result = evaluate(tc.eval_max_batches)
-                eval_metrics = _eval_metrics(result)
-                history.append({"step": float(state.step), **eval_metrics})
-                hooks.on_eval(state.step, eval_metrics)
-                if dist.is_main:
-                    log.info("step %d | val loss %.4f | val ppl %.2f (prefix of %d tokens)", state.step,
-                             result.loss, result.perplexity, result.tokens)  # fmt: skip
-            if tc.checkpoint_interval and state.step % tc.checkpoint_interval == 0:
-                last_path = save(_eval_metrics(evaluate(tc.eval_max_batches)) | {"step": float(state.step)})
-    except KeyboardInterrupt:
-        if dist.is_main:
-            log.warning("interrupted at step %d: saving a checkpoint so the run can resume", state.step)
-            save({"step": float(state.step), "interrupted": 1.0})
-        raise
 
-    state.elapsed = time.perf_counter() - t_start
-    final = evaluate(None)
-    metrics = _eval_metrics(final) | {
-        "step": float(state.step),
-        "tokens": float(state.tokens),
-        "train_seconds": state.elapsed,
-    }
-    history.append(dict(metrics))
-    hooks.on_eval(state.step, metrics)
-    last_path = save(metrics)
-    if dist.is_main:
-        log.info(
-            "done: step %d, %.1fs, val loss %.4f, val ppl %.2f, %.4f bits/byte (%d val tokens)",
-            state.step, state.elapsed, final.loss, final.perplexity, final.bits_per_byte, final.tokens,
+def _train_step(run: _Run, lr: float) -> tuple[torch.Tensor, float | None]:
+    """One optimizer step over ``grad_accum_steps`` micro-batches; returns (mean loss, gradient norm)."""
+    cfg, tc = run.cfg, run.cfg.train
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=run.device)
+    for micro in range(tc.grad_accum_steps):
+        x, y = run.sampler.next_batch()
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        last_micro = micro == tc.grad_accum_steps - 1
+        sync = (
+            contextlib.nullcontext()
+            if last_micro or not hasattr(run.wrapped, "no_sync")
+            else run.wrapped.no_sync()
+        )
+        with sync:
+            with run.autocast:
+                _, loss = run.wrapped(x, y)
+            run.scaler.scale(loss / tc.grad_accum_steps).backward()
+        step_loss += loss.detach() / tc.grad_accum_steps
+    grad_norm = None
+    if cfg.optim.grad_clip is not None:
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip))
+    loss_value = float(step_loss)
+    # fp16's GradScaler skips steps with inf gradients by design; everything else non-finite is divergence,
+    # stopped here, before the optimizer writes it into the weights.
+    if not math.isfinite(loss_value) or (
+        grad_norm is not None and not math.isfinite(grad_norm) and not run.scaler.is_enabled()
+    ):
+        raise TrainError(
+            f"step {run.state.step + 1}: the loss is {loss_value} and the gradient norm {grad_norm}: training "
+            f"diverged (the weights were not updated with it); lower optim.lr, keep optim.grad_clip, or use "
+            f"train.amp=off. The last good checkpoint is {run.last_checkpoint or 'none (none saved yet)'}"
+        )
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
+def _evaluate_dev(run: _Run) -> dict[str, float]:
+    """Score the dev tokens every in-training evaluation shares (once per step), report it to the hooks."""
+    step = run.state.step
+    if step not in run.evaluated:
+        tc = run.cfg.train
+        result = evaluate_split(
+            run.model, run.data.tokens("dev"), run.data.num_bytes("dev"), run.cfg.model.block_size,
+            batch_size=max(tc.batch_size, 32), device=run.device, max_batches=tc.eval_max_batches,
+            text_name="dev",
         )  # fmt: skip
-    best = manager.best_path if dist.is_main and manager.best_path.exists() else None
+        metrics = _eval_metrics(result, "dev")
+        run.evaluated = {step: metrics}
+        run.history.append({"step": float(step), **metrics})
+        run.hooks.on_eval(step, metrics)
+        if run.dist.is_main:
+            log.info("step %d | dev loss %.4f | dev ppl %.2f (%d tokens)", step, result.loss, result.perplexity,
+                     result.tokens)  # fmt: skip
+    return run.evaluated[step]
+
+
+def _evaluate_and_checkpoint(run: _Run, checkpoint: bool, elapsed: Callable[[], float]) -> None:
+    """Evaluate on dev (reaching the hooks) and, when asked, checkpoint with the time spent so far included."""
+    metrics = _evaluate_dev(run)
+    if checkpoint:
+        run.state.elapsed = elapsed()  # the saved clock includes this step and this evaluation
+        _save(run, metrics | {"step": float(run.state.step)})
+
+
+def _save(run: _Run, metrics: dict[str, float], status: str = "running") -> Path | None:
+    """Checkpoint on rank 0 (the others only call the hook, which Ray needs from every rank)."""
+    path = None
+    state = run.state
+    rng = _gather_rng(run.dist)  # a collective: every rank takes part before rank 0 writes
+    if run.dist.is_main:
+        path = run.manager.save(
+            state.step, model=run.model, cfg=run.cfg, tokenizer=run.data.tokenizer_path, metrics=metrics,
+            trainer_state=_trainer_state(run, rng, finished=status == "finished"),
+        )  # fmt: skip
+        update_run_record(run.manager.out_dir, status=status, step=state.step, last_checkpoint=str(path))
+        new_best = read_metrics(run.manager.best_path).get("step") == state.step
+        log.info(
+            "step %d | saved checkpoint %s%s", state.step, path, " (new best on dev)" if new_best else ""
+        )
+    run.last_checkpoint = path
+    run.hooks.on_checkpoint(state.step, metrics, path)
+    return path
+
+
+def _finish(run: _Run, interrupted: bool) -> TrainResult:
+    """Last checkpoint; at the end of the budget also the val split, the reported number, for it and ``best``."""
+    state, tc = run.state, run.cfg.train
+    metrics = dict(_evaluate_dev(run))
+    if interrupted:
+        metrics |= {"step": float(state.step), "interrupted": 1.0}
+        if run.dist.is_main:
+            log.warning(
+                "stopped at step %d: saving a checkpoint; run the same command again to resume", state.step
+            )
+        _save(run, metrics, status="interrupted")
+    else:
+        val = _evaluate_val(run, run.model)
+        metrics |= val | {
+            "step": float(state.step),
+            "tokens": float(state.tokens),
+            "train_seconds": state.elapsed,
+        }
+        run.history.append({"step": float(state.step), **val})
+        run.hooks.on_eval(state.step, val)
+        _save(run, metrics, status="finished")
+        if run.dist.is_main:
+            log.info(
+                "done: step %d, %.1fs, val loss %.4f, val ppl %.2f, %.4f bits/byte (%d val tokens)",
+                state.step, state.elapsed, val["val_loss"], val["val_ppl"], val["val_bpb"], val["val_tokens"],
+            )  # fmt: skip
+            _score_best_on_val(run)
+            update_run_record(run.manager.out_dir, metrics=metrics)
+    best = run.manager.best_path if run.dist.is_main and run.manager.best_path.exists() else None
     return TrainResult(
-        state.step, state.tokens, state.elapsed, out_dir, last_path, best, metrics, history, resumed_from
-    )
+        state.step, state.tokens, state.elapsed, Path(tc.out_dir), run.last_checkpoint, best, metrics,
+        run.history, run.resumed_from, interrupted, state.step - run.start_step,
+        read_metrics(best) if best is not None else {}, run.run_id,
+    )  # fmt: skip
 
 
-def _eval_metrics(result: EvalResult) -> dict[str, float]:
-    return {"val_loss": result.loss, "val_ppl": result.perplexity, "val_bpb": result.bits_per_byte}
+def _evaluate_val(run: _Run, model: nn.Module) -> dict[str, float]:
+    result = evaluate_split(
+        model, run.data.tokens("val"), run.data.num_bytes("val"), run.cfg.model.block_size,
+        batch_size=max(run.cfg.train.batch_size, 32), device=run.device, text_name="val",
+    )  # fmt: skip
+    return _eval_metrics(result, "val") | {"val_tokens": float(result.tokens)}
 
 
-def _trainer_state(
-    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, sampler: BlockSampler, state: _State
-) -> dict[str, Any]:
+def _score_best_on_val(run: _Run) -> None:
+    """When an earlier checkpoint won on dev, score it on val too, so `best` carries the number users read."""
+    best = run.manager.best_path
+    if not best.exists() or "val_loss" in read_metrics(best):
+        return
+    model = TransformerLM(run.cfg.model).to(run.device)
+    load_weights_into(model, load_checkpoint(best).weights, best)
+    val = _evaluate_val(run, model)
+    run.manager.update_best_metrics(val)
+    log.info("best checkpoint (step %d by dev loss): val ppl %.2f", read_metrics(best).get("step", -1),
+             val["val_ppl"])  # fmt: skip
+
+
+def _warm_up_compiled(run: _Run) -> None:
+    """Compile before the clock starts: one forward and backward on the next batch, leaving no trace."""
+    sampler_state, rng = run.sampler.state_dict(), capture_rng_state()
+    t0 = time.perf_counter()
+    x, y = run.sampler.next_batch()
+    with run.autocast:
+        _, loss = run.wrapped(x.to(run.device), y.to(run.device))
+    loss.backward()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.sampler.load_state_dict(sampler_state)
+    restore_rng_state(rng)
+    if run.dist.is_main:
+        log.info("torch.compile warm-up took %.1fs (not charged to the budget)", time.perf_counter() - t0)
+
+
+class _StopRequests:
+    """SIGINT/SIGTERM set a flag the loop reads at each step boundary; a second Ctrl-C aborts at once."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequests:
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning(
+            "%s: finishing this step, then saving a checkpoint (Ctrl-C again aborts without saving)",
+            signal.Signals(signum).name,
+        )
+
+
+def _tokens_per_step(run: _Run) -> int:
+    return run.cfg.tokens_per_step * run.dist.world_size
+
+
+def _eval_metrics(result: EvalResult, split: str) -> dict[str, float]:
     return {
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "sampler": sampler.state_dict(),
+        f"{split}_loss": result.loss,
+        f"{split}_ppl": result.perplexity,
+        f"{split}_bpb": result.bits_per_byte,
+    }
+
+
+def _trainer_state(run: _Run, rng: list[dict[str, Any]], finished: bool) -> dict[str, Any]:
+    state = run.state
+    return {
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "sampler": run.sampler.state_dict(),
         "step": state.step,
         "tokens": state.tokens,
         "elapsed": state.elapsed,
         "warmup_progress": state.warmup_progress,
-        "rng": capture_rng_state(),
+        "decay_from_lr": state.decay_from_lr,
+        "lr": state.lr,
+        "budget": _budget(run.cfg.train),
+        "finished": finished,
+        "run_id": run.run_id,
+        # Every rank's RNG, so dropout masks still differ by rank after a resume (rank 0 writes them all).
+        "rng": rng,
     }
+
+
+def _gather_rng(dist: DistributedContext) -> list[dict[str, Any]]:
+    states = [capture_rng_state()]
+    if dist.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * dist.world_size
+        torch.distributed.all_gather_object(gathered, states[0])
+        states = gathered
+    return states
+
+
+def _budget(tc: TrainConfig) -> dict[str, float | None]:
+    return {"max_steps": tc.max_steps, "max_tokens": tc.max_tokens, "max_seconds": tc.max_seconds}
 
 
 def _resume_path(manager: CheckpointManager, resume: bool | str | Path) -> Path | None:
     if resume is False:
         return None
     if resume is True:
-        manager.clean_temp()
         return manager.latest()
     return Path(resume)
+
+
+def _check_compatible(
+    path: Path, saved: ExperimentConfig, cfg: ExperimentConfig, tokenizer: Path, data: PreparedData | None
+) -> None:
+    """A resume needs the same model shape and the same tokenizer as the checkpoint."""
+    if saved.model != cfg.model:
+        before, after = to_dict(saved.model), to_dict(cfg.model)
+        diff = ", ".join(f"model.{k}: {before[k]!r} -> {after[k]!r}" for k in before if before[k] != after[k])
+        raise TrainError(
+            f"cannot resume from {path}: the model shape differs ({diff}); use --restart to start over, or a new "
+            "run directory (--out) to keep both"
+        )
+    if data is not None and tokenizer_sha256(tokenizer) != tokenizer_sha256(data.tokenizer_path):
+        raise TrainError(
+            f"cannot resume from {path}: its tokenizer differs from the prepared data's ({data.tokenizer_path}); "
+            "was the corpus or the tokenizer changed? Use --restart to train from scratch on the new data"
+        )
 
 
 def _restore(
@@ -453,36 +761,65 @@ def _restore(
     sampler: BlockSampler,
     state: _State,
     cfg: ExperimentConfig,
-) -> None:
+    dist: DistributedContext,
+) -> tuple[Checkpoint, dict[str, Any]]:
+    """Load weights, optimizer, sampler, counters and this rank's RNG; returns the checkpoint and its state."""
     ckpt = load_checkpoint(path)
-    if ckpt.config.model != cfg.model:
-        raise TrainError(
-            f"cannot resume from {path}: its model config differs from this run's ({ckpt.config.model} vs "
-            f"{cfg.model}); use a new train.out_dir or the same model settings"
-        )
-    changed = _changed_settings(ckpt.config, cfg)
-    if changed:
-        log.warning(
-            "resuming %s with settings that differ from the ones it was started with: %s (use --restart, or a "
-            "new train.out_dir, to start over with them)", path, "; ".join(changed),
-        )  # fmt: skip
     load_weights_into(model, ckpt.weights, path)
     trainer = ckpt.trainer_state()
-    if trainer is None:
-        raise TrainError(f"cannot resume from {path}: it holds weights only (no trainer.pt)")
+    assert trainer is not None  # preflight checked
     optimizer.load_state_dict(trainer["optimizer"])
     scaler.load_state_dict(trainer["scaler"])
     sampler.load_state_dict(trainer["sampler"])
     state.step, state.tokens, state.elapsed = trainer["step"], trainer["tokens"], trainer["elapsed"]
     state.warmup_progress = trainer["warmup_progress"]
-    restore_rng_state(trainer["rng"])
+    state.decay_from_lr = trainer.get("decay_from_lr")
+    state.lr = trainer.get("lr", 0.0)
+    rng = trainer["rng"]
+    if isinstance(
+        rng, list
+    ):  # one per rank; a different world size keeps rank 0's stream and reseeds the rest
+        if dist.rank < len(rng) and len(rng) == dist.world_size:
+            restore_rng_state(rng[dist.rank])
+        else:
+            restore_rng_state(rng[0])
+            if dist.rank:
+                seed_everything(cfg.train.seed + dist.rank + state.step)
+    else:  # checkpoints written before per-rank RNG
+        restore_rng_state(rng)
+    return ckpt, trainer
 
 
-def _changed_settings(saved: ExperimentConfig, now: ExperimentConfig) -> list[str]:
-    """``key: old -> new`` for every setting (paths aside) that differs between a checkpoint's config and this run's."""
-    before, after = flatten(to_dict(saved)), flatten(to_dict(now))
-    keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys if k != "train.out_dir"]
+def _rebase_schedule(budget: dict[str, Any] | None, state: _State, cfg: ExperimentConfig) -> None:
+    """A budget changed on resume: decay from the LR the run had reached, never back up towards the peak."""
+    if budget is None or budget == _budget(cfg.train) or state.step < cfg.optim.warmup_steps:
+        return
+    progress = budget_progress(cfg.train, state.step, state.tokens, state.elapsed)
+    state.warmup_progress, state.decay_from_lr = progress, state.lr or cfg.optim.min_lr
+    log.warning(
+        "the budget changed on resume (%s -> %s): the learning rate continues from %.2e and decays to "
+        "optim.min_lr=%.2e over the rest of the new budget (no new warm-up)",
+        _describe_budget_dict(budget), _describe_budget(cfg.train), state.decay_from_lr, cfg.optim.min_lr,
+    )  # fmt: skip
+
+
+def _warn_changed(path: Path, started: dict[str, Any], cfg: ExperimentConfig) -> None:
+    """Warn, naming each key, when this resume's settings differ from the ones the run STARTED with."""
+    before = flatten(started)
+    after = flatten(to_dict(cfg))
+    keys = sorted(
+        k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k != "train.out_dir"
+    )
+    if keys:
+        log.warning(
+            "resuming %s with settings that differ from the ones it was started with: %s (use --restart, or a "
+            "new run directory, to start over with them)",
+            path, "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in keys),
+        )  # fmt: skip
+
+
+def _describe_budget_dict(budget: dict[str, Any]) -> str:
+    return _describe_budget(dataclasses.replace(TrainConfig(), **budget))
 
 
 def _describe_budget(tc: TrainConfig) -> str:
@@ -509,12 +846,9 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lm.train`` is ``lm train --local``."""
-    from lm.cli import main as cli_main
+if (
+    __name__ == "__main__"
+):  # python -m lm.train: `lm train --local` without MLflow (the CLI lives in lm.__main__)
+    from lm.__main__ import run_module
 
-    return cli_main(["train", "--local", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_module("train"))

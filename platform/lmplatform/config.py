@@ -2,8 +2,8 @@
 
 ``lm.config`` ignores these sections; here they become frozen dataclasses, validated with the same
 :class:`lm.config.ConfigError` messages (``ray.num_workers=-1 is not allowed: ...``), and their defaults are
-resolved to absolute paths and URIs because Ray workers and MLflow run in other directories. ``tune:`` and
-``serve:`` are tolerated and ignored until their issues land.
+resolved to absolute paths and URIs because Ray workers and MLflow run in other directories. ``train.device``
+is mapped onto the Ray workers' resources (``cuda`` sets ``ray.use_gpu``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from lm.config import (
     Section,
     build,
     check,
+    check_name,
     read_raw,
     resolve_paths,
 )
@@ -55,12 +56,7 @@ class RayConfig(Section):
         )
         check(bool(self.storage_path), "ray.storage_path", self.storage_path, "a directory or a storage URI")
         if self.run_name is not None:
-            check(
-                bool(self.run_name) and "/" not in self.run_name,
-                "ray.run_name",
-                self.run_name,
-                "a non-empty name without '/'",
-            )
+            check_name(self.run_name, "ray.run_name")
         if self.gpus_per_worker is not None:
             check(self.use_gpu, "ray.gpus_per_worker", self.gpus_per_worker, "needs ray.use_gpu=true")
 
@@ -88,7 +84,7 @@ class TrackingConfig(Section):
 
     def validate(self) -> None:
         if self.experiment is not None:
-            check(bool(self.experiment), "tracking.experiment", self.experiment, "a non-empty name")
+            check_name(self.experiment, "tracking.experiment")
 
 
 @dataclass(frozen=True)
@@ -134,6 +130,7 @@ def resolve_platform(pcfg: PlatformConfig, cfg: ExperimentConfig, base: Path) ->
     if ray.is_local_storage:  # Ray's controller crashes on a relative storage_path
         storage = str((base / Path(storage).expanduser()).resolve())
     ray = dataclasses.replace(ray, storage_path=storage, run_name=ray.run_name or cfg.name)
+    ray = _ray_device(ray, cfg.train.device)
 
     tr = pcfg.tracking
     repo = find_repo_root(base)
@@ -146,6 +143,28 @@ def resolve_platform(pcfg: PlatformConfig, cfg: ExperimentConfig, base: Path) ->
         artifacts = (base / Path(artifacts).expanduser()).resolve().as_uri()
     tr = dataclasses.replace(tr, uri=uri, artifact_location=artifacts, experiment=tr.experiment or cfg.name)
     return PlatformConfig(ray=ray, tracking=tr)
+
+
+def _ray_device(ray: RayConfig, device: str) -> RayConfig:
+    """Map ``train.device`` onto the Ray workers' resources, so a run never records a device it did not use.
+
+    ``cuda`` asks Ray for one GPU per worker (``ray.use_gpu``); Ray then hands each worker its own GPU, so a
+    device index (``cuda:1``) cannot apply; ``cpu``/``mps`` with ``ray.use_gpu=true`` contradict each other.
+    """
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        if device != "cuda":
+            raise ConfigError(
+                f"train.device={device!r} is not allowed under Ray: Ray gives each worker its own GPU; use "
+                "train.device=cuda (or --local to pick a GPU by index)"
+            )
+        return dataclasses.replace(ray, use_gpu=True)
+    if kind in ("cpu", "mps") and ray.use_gpu:
+        raise ConfigError(
+            f"train.device={device!r} contradicts ray.use_gpu=true: use train.device=auto or cuda with GPUs, "
+            "or drop ray.use_gpu"
+        )
+    return ray
 
 
 def _absolute_uri(uri: str, base: Path) -> str:

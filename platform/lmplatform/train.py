@@ -1,16 +1,19 @@
 """Ray Train around lm's loop: ``run_training(cfg, pcfg)`` launches a TorchTrainer whose workers call
-:func:`lm.train.train` with a DistributedContext filled from Ray Train and hooks that report checkpoints.
+:func:`lm.train.train` with a DistributedContext filled from Ray Train and hooks that stop and report.
 
-Where things live:
-- the token cache is built once by the driver before any worker starts; workers find it by absolute path;
-- each worker trains into ``<storage>/<run>/worker-ckpts`` (only rank 0 writes), and every checkpoint it saves
-  is reported to Ray, which copies it to ``<storage>/<run>/checkpoint_*`` and keeps the best ``keep_checkpoints``
-  by val_loss (plus the latest);
-- a restarted worker group (``ray.max_failures``) or a re-run of the same command with the same run name
-  resumes from Ray's latest checkpoint (``ray.train.get_checkpoint()``), so the step counter continues; Ray's
-  local mode (``ray.num_workers=0``) persists nothing, so there a re-run resumes from the loop's own checkpoints;
-- per-step metrics go to MLflow from rank 0 directly: Ray Train V2 does not keep metrics reported without a
-  checkpoint, and routing them through ``ray.train.report`` would make every log step a barrier for all ranks.
+One checkpoint tree per run:
+- local storage (the default, ``runs/``): the workers' loop writes straight into the run directory
+  ``<storage>/<run_name>``: ``step-NNNNNN`` (the last ``train.keep_last``), ``best/`` (lowest dev loss) and
+  ``run.json``. Nothing is reported to Ray as a checkpoint, so Ray keeps no second copy; a restarted worker group
+  (``ray.max_failures``) and a re-run of the same command resume from the loop's own latest step;
+- remote storage (``s3://...``, ``file:///...``): the workers write into a local scratch directory and report
+  every checkpoint, which Ray uploads to ``<storage>/<run_name>/checkpoint_*`` (the best ``ray.keep_checkpoints``
+  by ``dev_loss`` plus the latest); resume goes through ``ray.train.get_checkpoint()``.
+
+The driver holds ``run_lock`` on the directory the workers write into for the whole run (one writer), checks
+that the run can start (``lm.train.preflight``: finished runs, shape or tokenizer changes) before the first MLflow
+write, and turns SIGINT/SIGTERM into a stop request (:class:`StopRequest`) that every rank obeys at the same step
+boundary, checkpointing there.
 
 Testing aid: with ``LMLAB_FAIL_AT_STEP=N`` in the driver's environment, rank 0 raises at the first log step
 >= N, once per run directory (a marker file remembers it), to exercise restarts.
@@ -24,26 +27,37 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lm.checkpoint import METRICS, CheckpointManager
+from lm.checkpoint import (
+    METRICS,
+    CheckpointManager,
+    run_lock,
+    safe_rmtree,
+)
 from lm.config import ExperimentConfig, build, to_dict
 from lm.data import prepare_data
-from lm.train import DistributedContext, Hooks, train
+from lm.train import DistributedContext, Hooks, preflight, train
 from lmplatform.config import PlatformConfig, RayConfig
 from lmplatform.tracking import MetricLogger, RunTracker, TrackingHooks, start_run
 
 log = logging.getLogger("lmplatform.train")
 FAIL_ENV = "LMLAB_FAIL_AT_STEP"
-WORKER_DIR = "worker-ckpts"
 _FAIL_MARKER = ".lmlab-injected-failure"
+_LOCK_FILE = ".lock"
+# Ray Train 2.60's preemption watcher (it moves workers off nodes being drained) logs one spurious error line at
+# every start (ray#53727). A cluster this process started is this one machine, which is never drained: there we
+# switch the watcher off with Ray's own flag. A cluster we join keeps it.
+_PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 class PlatformError(RuntimeError):
@@ -63,6 +77,116 @@ class RayTrainOutcome:
     resumed_from_step: int | None  # the step rank 0 resumed from in its last attempt; None = fresh
     time_to_first_step: float | None  # seconds from the command's start to the first training step
     tracker: RunTracker | None
+    interrupted: bool = False  # stopped early on request; final_checkpoint is where it stopped
+    trained_steps: int = 0  # steps trained by this command (0: nothing new)
+    device: str | None = None  # the device rank 0 trained on
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stop requests: the driver's SIGINT/SIGTERM, seen by every worker
+
+
+class _StopActor:
+    """A flag in a tiny Ray actor: the driver sets it, rank 0 of the workers polls it."""
+
+    def __init__(self) -> None:
+        self.flag = False
+
+    def set(self) -> None:
+        self.flag = True
+
+    def is_set(self) -> bool:
+        return self.flag
+
+
+_IN_PROCESS_STOP = threading.Event()  # Ray's local mode runs the loop in the driver: no actor needed
+
+
+class StopRequest:
+    """Driver side of a stop: :meth:`on_signals` turns SIGINT/SIGTERM into a request the workers obey.
+
+    The signal handler only sets an Event (calling Ray from a signal handler could interrupt Ray itself holding
+    a lock); a daemon thread forwards it to the actor. A second signal gets Python's default behaviour, so a
+    second Ctrl-C still aborts at once.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal_name: str | None = None
+        self._actor: Any = None
+        _IN_PROCESS_STOP.clear()
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was requested."""
+        return self.event.is_set()
+
+    def request(self, name: str = "stop") -> None:
+        """Ask the workers to stop at the next step boundary."""
+        self.signal_name = self.signal_name or name
+        self.event.set()
+        _IN_PROCESS_STOP.set()
+
+    @contextlib.contextmanager
+    def on_signals(self) -> Iterator[StopRequest]:
+        """Install SIGINT/SIGTERM handlers for the block (main thread only; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.getsignal(s) for s in signals}
+
+        def handler(signum: int, frame: Any) -> None:
+            for s, h in previous.items():  # the next signal acts as it would have without us
+                signal.signal(s, h)
+            self.request(signal.Signals(signum).name)
+
+        for s in signals:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def worker_handle(self) -> Any:
+        """Something picklable the workers poll: a Ray actor (None in local mode, which reads the Event)."""
+        import ray
+
+        self._actor = ray.remote(num_cpus=0)(_StopActor).remote()
+
+        def forward() -> None:
+            self.event.wait()
+            with contextlib.suppress(Exception):  # Ray already shut down: nobody left to tell
+                self._actor.set.remote()
+
+        threading.Thread(target=forward, name="lmlab-stop-forward", daemon=True).start()
+        return self._actor
+
+
+class _StopPoller:
+    """Worker side: non-blocking look at the driver's flag, once per step, on rank 0 (all_max tells the rest)."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+        self.pending: Any = None
+        self.stopped = False
+
+    def __call__(self) -> bool:
+        if self.stopped:
+            return True
+        if self.actor is None:
+            self.stopped = _IN_PROCESS_STOP.is_set()
+            return self.stopped
+        import ray
+
+        if self.pending is None:
+            self.pending = self.actor.is_set.remote()
+        ready, _ = ray.wait([self.pending], timeout=0)
+        if ready:
+            self.stopped = bool(ray.get(self.pending))
+            self.pending = None
+        return self.stopped
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -76,24 +200,31 @@ def ensure_ray(rc: RayConfig) -> None:
 
     started_here = False
     if not ray.is_initialized():
+        where = rc.address or os.environ.get("RAY_ADDRESS")
+        options: dict[str, Any] = {
+            "include_dashboard": False,
+            "logging_level": logging.WARNING,
+            # Without a dashboard, Train's PlacementGroupCleaner warns every second that the state API is
+            # unavailable; ERROR quiets Ray's own loggers (lm's progress lines are set up by the workers).
+            "logging_config": ray.LoggingConfig(log_level="ERROR"),
+        }
         try:
-            ray.init(
-                address=rc.address,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                # Without a dashboard, Train's PlacementGroupCleaner warns every second that the state API is
-                # unavailable; ERROR quiets Ray's own loggers (Train sets its workers' root logger to INFO
-                # itself, so lm's progress lines still show).
-                logging_config=ray.LoggingConfig(log_level="ERROR"),
-            )
-        except (ConnectionError, ValueError) as exc:
-            where = rc.address or os.environ.get("RAY_ADDRESS") or "a running local head"
-            raise PlatformError(f"cannot connect to Ray at {where}: {exc}") from exc
-        # A cluster this process started has a fixed size; one it joined may autoscale. Ray has no public
-        # flag for this; its driver-side Node object is a head only when ray.init started the cluster.
-        from ray._private import worker as ray_worker
-
-        started_here = bool(getattr(getattr(ray_worker, "_global_node", None), "head", False))
+            if where:
+                ray.init(address=where, **options)
+                started_here = where == "local"
+            else:
+                # Whether this process starts the cluster decides whether it can grow, and Ray has no public
+                # flag for it. So ask in two steps, with ray.init's documented addresses: "auto" only joins
+                # a running local head (ConnectionError when there is none), "local" always starts one.
+                try:
+                    ray.init(address="auto", **options)
+                except ConnectionError:
+                    ray.init(address="local", **options)
+                    started_here = True
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise PlatformError(f"cannot connect to Ray at {where or 'a running local head'}: {exc}") from exc
+    if started_here:
+        os.environ.setdefault(_PREEMPTION_ENV, "0")
     check_resources(rc, ray.cluster_resources(), fixed=started_here)
 
 
@@ -117,47 +248,132 @@ def check_resources(rc: RayConfig, total: dict[str, float], fixed: bool) -> None
     log.warning("%s; Ray Train will wait until the cluster grows", message)
 
 
+def worker_dir(rc: RayConfig) -> Path:
+    """Where the workers' loop writes: the run directory itself on local storage, else local scratch space."""
+    if rc.is_local_storage:
+        return Path(rc.run_dir)
+    # Remote storage: workers keep their working checkpoints on local disk; Ray uploads what they report.
+    return Path(tempfile.gettempdir()) / "lmlab" / str(rc.run_name)
+
+
 def run_training(
     cfg: ExperimentConfig,
     pcfg: PlatformConfig,
     *,
     restart: bool = False,
     started_at: float | None = None,
+    stop: StopRequest | None = None,
 ) -> RayTrainOutcome:
     """Train ``cfg`` on Ray Train as ``pcfg.ray`` says, tracked in MLflow unless ``tracking.enabled`` is false.
 
-    ``restart`` deletes the run directory first; otherwise a run directory with checkpoints is continued.
+    ``restart`` deletes everything of the previous run first; otherwise a run with checkpoints is continued, and
+    a finished one is refused (``lm.train.RunFinishedError``) before anything is written. ``stop`` (set from the
+    driver's signal handlers) makes the workers stop at the next step boundary and checkpoint there.
     """
     started_at = started_at if started_at is not None else time.time()
+    stop = stop or StopRequest()
     rc = pcfg.ray
-    if restart and rc.is_local_storage and Path(rc.run_dir).exists():
-        log.info("--restart: removing %s", rc.run_dir)
-        shutil.rmtree(rc.run_dir)
-    # Once, here, so workers hit the token cache instead of racing to build it.
-    data = prepare_data(cfg, progress=True)
-    worker_root = _worker_root(rc)
-    # The loop's out_dir becomes the worker-local directory; logging the config with it says where files went.
-    cfg = dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, out_dir=str(worker_root / WORKER_DIR))
-    )
-    tracker = _start_ray_and_tracking(cfg, pcfg, restart, data.tokenizer_path)
-    with tracker.track() if tracker else contextlib.nullcontext():
-        loop_config = {
-            "experiment": to_dict(cfg),
-            "fail_marker": str(worker_root / _FAIL_MARKER),
-            "fail_at_step": _fail_at_step(),
-            "cpus_per_worker": rc.cpus_per_worker,
-            "local_mode": rc.num_workers == 0,
-            "logger": tracker.logger if tracker else None,
-            "started_at": started_at,
-        }
-        result = build_trainer(rc, loop_config).fit()
-        outcome = _outcome(result, rc, worker_root, tracker)
-        if tracker is not None:
-            tracker.finish(
-                cfg, outcome.final_checkpoint, outcome.best_checkpoint, pcfg.tracking.register_model
-            )
+    root = worker_dir(rc)
+    with run_lock(root):
+        if restart:
+            _delete_run(rc, root)
+        # Once, here, so workers hit the token cache instead of racing to build it.
+        data = prepare_data(cfg, progress=True)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(root)))
+        # Everything that can refuse this run, before the first MLflow write (a refused command changes nothing).
+        if rc.is_local_storage or restart:
+            preflight(cfg, root, resume=not restart)
+        _raise_if_stopped(stop)
+        tracker = _start_ray_and_tracking(cfg, pcfg, restart, data.tokenizer_path, root)
+        with tracker.track() if tracker is not None else contextlib.nullcontext():
+            _raise_if_stopped(stop)
+            loop_config = {
+                "experiment": to_dict(cfg),
+                "report_checkpoints": not rc.is_local_storage,
+                "fail_marker": str(root / _FAIL_MARKER),
+                "fail_at_step": _fail_at_step(),
+                "cpus_per_worker": rc.cpus_per_worker,
+                "local_mode": rc.num_workers == 0,
+                "logger": tracker.logger if tracker else None,
+                "record_dir": str(root) if rc.is_local_storage else None,
+                "started_at": started_at,
+                "stop": None if rc.num_workers == 0 else stop.worker_handle(),
+            }
+            try:
+                result = build_trainer(rc, loop_config).fit()
+            except Exception as exc:  # the worker's own error, not Ray's wrapper, says why
+                if tracker is not None:
+                    tracker.fail(failure_reason(exc))
+                raise
+            outcome = _outcome(result, rc, root, tracker)
+            if tracker is not None:
+                if outcome.device is not None:  # what the worker really used, not what was asked for
+                    tracker.set_device(outcome.device)
+                if outcome.interrupted:  # stopped on request at a checkpoint: KILLED, nothing registered
+                    tracker.status = "KILLED"
+                else:
+                    tracker.finish(
+                        cfg, outcome.final_checkpoint, outcome.best_checkpoint, pcfg.tracking.register_model,
+                        trained_steps=outcome.trained_steps,
+                    )  # fmt: skip
     return outcome
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a run failed: the first worker's (or Ray's controller's) error, else ``exc`` itself."""
+    causes = sorted(getattr(exc, "worker_failures", {}).items(), key=lambda item: item[0])
+    if causes:
+        rank, cause = causes[0]
+        lines = str(cause).strip().splitlines()
+        return f"rank {rank}: {lines[-1] if lines else type(cause).__name__}"
+    cause = getattr(exc, "controller_failure", None) or exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
+def _raise_if_stopped(stop: StopRequest) -> None:
+    if stop.requested:  # before any worker started: nothing to checkpoint
+        raise KeyboardInterrupt(stop.signal_name)
+
+
+def _delete_run(rc: RayConfig, root: Path) -> None:
+    """--restart: remove everything of the previous run (not the lock we hold), only inside the storage root."""
+    if rc.is_local_storage:
+        storage = Path(rc.storage_path)
+    else:
+        storage = root.parent
+        _delete_remote_run(rc)
+    if not root.is_dir():
+        return
+    log.info("--restart: removing the previous run in %s", root)
+    for child in root.iterdir():
+        if child.name == _LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            safe_rmtree(child, storage)
+        else:
+            _check_inside(child, storage)
+            child.unlink()
+
+
+def _check_inside(path: Path, root: Path) -> None:
+    target, owner = path.parent.resolve() / path.name, root.resolve()
+    if owner not in target.parents:
+        raise PlatformError(f"refusing to delete {path}: it is not inside {root}")
+
+
+def _delete_remote_run(rc: RayConfig) -> None:
+    """Delete ``<storage>/<run_name>`` on remote storage, through pyarrow's filesystem for that URI."""
+    import pyarrow.fs
+
+    fs, storage = pyarrow.fs.FileSystem.from_uri(rc.storage_path)
+    run = f"{storage.rstrip('/')}/{rc.run_name}"
+    # run_name is validated (no '/', not '.' or '..'), so this is one level strictly inside the storage root.
+    if not rc.run_name or "/" in rc.run_name or rc.run_name in (".", "..") or not storage.strip("/"):
+        raise PlatformError(f"refusing to delete {rc.run_dir}: not strictly inside {rc.storage_path}")
+    if fs.get_file_info(run).type != pyarrow.fs.FileType.NotFound:
+        log.info("--restart: removing the previous run in %s", rc.run_dir)
+        fs.delete_dir(run)
 
 
 def build_trainer(rc: RayConfig, loop_config: dict[str, Any]) -> Any:
@@ -179,7 +395,7 @@ def build_trainer(rc: RayConfig, loop_config: dict[str, Any]) -> Any:
             storage_path=rc.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=rc.keep_checkpoints,
-                checkpoint_score_attribute="val_loss",
+                checkpoint_score_attribute="dev_loss",
                 checkpoint_score_order="min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=rc.max_failures),
@@ -190,7 +406,7 @@ def build_trainer(rc: RayConfig, loop_config: dict[str, Any]) -> Any:
 
 
 def _start_ray_and_tracking(
-    cfg: ExperimentConfig, pcfg: PlatformConfig, restart: bool, tokenizer: Path
+    cfg: ExperimentConfig, pcfg: PlatformConfig, restart: bool, tokenizer: Path, root: Path
 ) -> RunTracker | None:
     """Open the MLflow run while Ray starts (each takes seconds); a run whose Ray never came up ends FAILED."""
     rc = pcfg.ray
@@ -198,55 +414,60 @@ def _start_ray_and_tracking(
     # MLflow side (import, schema check, params) is the part that moves to a thread.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlflow-start") as pool:
         opening = pool.submit(
-            start_run, cfg, pcfg, rc.run_dir, launcher="ray", resume=not restart, tokenizer_path=tokenizer
-        )
+            start_run, cfg, pcfg, rc.run_dir, launcher="ray", resume=not restart, tokenizer_path=tokenizer,
+            record_dir=root,
+        )  # fmt: skip
         try:
             if rc.num_workers > 0:  # local mode runs in this process and needs no cluster (saves seconds)
                 ensure_ray(rc)
-        except BaseException:
+        except BaseException as exc:
             tracker = opening.result()
             if tracker is not None:
-                tracker.client.set_terminated(tracker.run_id, status="FAILED")
+                if isinstance(exc, KeyboardInterrupt):
+                    tracker.end("KILLED", "interrupted while Ray started")
+                else:
+                    tracker.fail(f"Ray: {failure_reason(exc)}")
             raise
         return opening.result()
 
 
-def _outcome(result: Any, rc: RayConfig, worker_root: Path, tracker: RunTracker | None) -> RayTrainOutcome:
+def _outcome(result: Any, rc: RayConfig, root: Path, tracker: RunTracker | None) -> RayTrainOutcome:
     summary = result.return_value or {}
-    metrics = dict(result.metrics or summary.get("metrics") or {})
-    final = _local_dir(result.checkpoint, "final") if result.checkpoint is not None else None
-    best = None
-    if result.best_checkpoints:
-        best = _local_dir(result.get_best_checkpoint("val_loss", "min"), "best")
-    elif (worker_root / WORKER_DIR / "best").is_dir():  # local mode keeps no checkpoint history
-        best = worker_root / WORKER_DIR / "best"
+    metrics = dict(summary.get("metrics") or result.metrics or {})
+    if rc.is_local_storage:  # the loop's own tree is the run's tree
+        final = Path(summary["last_checkpoint"]) if summary.get("last_checkpoint") else None
+        best_dir = root / "best"
+        best = best_dir if best_dir.is_dir() else None
+    else:
+        final = _local_dir(result.checkpoint, "final") if result.checkpoint is not None else None
+        best = (
+            _local_dir(result.get_best_checkpoint("dev_loss", "min"), "best")
+            if result.best_checkpoints
+            else None
+        )
     return RayTrainOutcome(
         result=result,
         run_dir=rc.run_dir,
-        step=int(metrics.get("step", summary.get("step", 0))),
+        step=int(summary.get("step", metrics.get("step", 0))),
         metrics=metrics,
         final_checkpoint=final,
         best_checkpoint=best,
         resumed_from_step=summary.get("resumed_from_step"),
         time_to_first_step=summary.get("time_to_first_step"),
         tracker=tracker,
+        interrupted=bool(summary.get("interrupted")),
+        trained_steps=int(summary.get("trained_steps", 0)),
+        device=summary.get("device"),
     )
 
 
 def _local_dir(checkpoint: Any, name: str) -> Path:
-    """A directory the driver can read: the checkpoint itself on local storage, else a downloaded copy."""
+    """A directory the driver can read: the checkpoint itself on a local filesystem, else a downloaded copy."""
     import pyarrow.fs
 
     if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
         return Path(checkpoint.path)
     return Path(checkpoint.to_directory(tempfile.mkdtemp(prefix=f"lmlab-{name}-")))
-
-
-def _worker_root(rc: RayConfig) -> Path:
-    if rc.is_local_storage:
-        return Path(rc.run_dir)
-    # Remote storage: workers keep their working checkpoints on local disk; Ray uploads what they report.
-    return Path(tempfile.gettempdir()) / "lmlab" / str(rc.run_name)
 
 
 def _fail_at_step() -> int | None:
@@ -264,7 +485,7 @@ def _fail_at_step() -> int | None:
 
 
 def ray_distributed_context() -> DistributedContext:
-    """lm's DistributedContext for this Ray Train worker: rank, world size, device, DDP wrapper, broadcast."""
+    """lm's DistributedContext for this Ray Train worker: rank, world size, device, DDP wrapper, all_max."""
     import ray.train
     import ray.train.torch
 
@@ -274,12 +495,12 @@ def ray_distributed_context() -> DistributedContext:
     if world_size == 1:
         return DistributedContext(rank=rank, world_size=1, device=device)
 
-    def broadcast(value: float) -> float:
-        # Every rank must agree on elapsed time, or ranks with a max_seconds budget stop at different steps
-        # and the last all-reduce deadlocks.
-        tensor = torch.tensor([value], dtype=torch.float64, device=device)
-        torch.distributed.broadcast(tensor, src=0)
-        return float(tensor.item())
+    def all_max(values: list[float]) -> list[float]:
+        # Ranks must agree on elapsed time and on stopping, or they stop at different steps and the last
+        # all-reduce deadlocks. gloo reduces on CPU tensors; nccl needs them on the GPU.
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return tensor.tolist()
 
     # prepare_model moves the model to the worker's device and wraps it in DDP (gloo on CPU, nccl on GPU).
     return DistributedContext(
@@ -287,12 +508,13 @@ def ray_distributed_context() -> DistributedContext:
         world_size=world_size,
         device=device,
         wrap_model=ray.train.torch.prepare_model,
-        broadcast=broadcast,
+        all_max=all_max,
     )
 
 
 class RayHooks(Hooks):
-    """Reports every checkpoint to Ray Train (all ranks), forwards metrics to MLflow (rank 0), injects failures."""
+    """Stops on the driver's request, reports checkpoints to Ray (remote storage), forwards metrics to MLflow
+    (rank 0) and injects test failures."""
 
     def __init__(
         self,
@@ -301,12 +523,16 @@ class RayHooks(Hooks):
         fail_at_step: int | None = None,
         fail_marker: Path | None = None,
         started_at: float | None = None,
+        report_checkpoints: bool = False,
+        stop: _StopPoller | None = None,
     ) -> None:
         self.rank = rank
         self.tracking = tracking
         self.fail_at_step = fail_at_step
         self.fail_marker = fail_marker
         self.started_at = started_at
+        self.report_checkpoints = report_checkpoints
+        self.stop = stop
         self.resumed_from_step: int | None = None
         self.time_to_first_step: float | None = None
 
@@ -316,12 +542,12 @@ class RayHooks(Hooks):
             self.tracking.on_start()
 
     def should_stop(self) -> bool:
-        """Never stops early; its first call marks the start of the first training step."""
+        """True once the driver asked to stop (rank 0 looks; the loop's all_max tells the other ranks)."""
         if self.time_to_first_step is None and self.started_at is not None:
             self.time_to_first_step = time.time() - self.started_at
             if self.rank == 0:
                 log.info("first training step %.1fs after the command started", self.time_to_first_step)
-        return False
+        return self.rank == 0 and self.stop is not None and self.stop()
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         """Maybe inject the test failure, then send the training metrics to MLflow."""
@@ -330,12 +556,14 @@ class RayHooks(Hooks):
             self.tracking.on_log(step, metrics)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """Send validation metrics to MLflow."""
+        """Send dev (and, at the end, val) metrics to MLflow."""
         if self.tracking is not None:
             self.tracking.on_eval(step, metrics)
 
     def on_checkpoint(self, step: int, metrics: dict[str, float], path: Path | None) -> None:
-        """Report on every rank (Ray waits for all); rank 0 hands over the checkpoint directory."""
+        """Remote storage: report on every rank (Ray waits for all); rank 0 hands over the directory."""
+        if not self.report_checkpoints:
+            return
         import ray.train
 
         extra = {"resumed_from_step": float(self.resumed_from_step or 0)}
@@ -374,28 +602,35 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         logger.warm_up()
     hooks = RayHooks(
         rank=dist.rank,
-        tracking=TrackingHooks(logger) if logger is not None else None,
+        tracking=TrackingHooks(logger, config["record_dir"]) if logger is not None else None,
         fail_at_step=config["fail_at_step"],
         fail_marker=Path(config["fail_marker"]),
         started_at=config["started_at"],
+        report_checkpoints=config["report_checkpoints"],
+        stop=_StopPoller(config["stop"]),
     )
-    checkpoint = ray.train.get_checkpoint()
+    # The driver holds the run lock and handles the signals for the whole run.
+    options: dict[str, Any] = {"hooks": hooks, "dist": dist, "lock": False, "handle_signals": False}
+    checkpoint = ray.train.get_checkpoint() if config["report_checkpoints"] else None
     if checkpoint is None:
-        # Local mode persists nothing in Ray, so its own checkpoints are the resume point. With workers, files
-        # here belong to a run Ray no longer knows (e.g. after --restart): start clean.
-        latest = CheckpointManager(cfg.train.out_dir).latest() if config["local_mode"] else None
-        if latest is None and dist.is_main:
-            shutil.rmtree(cfg.train.out_dir, ignore_errors=True)
+        # Local storage: the loop's own latest step in the run directory. Remote storage with nothing in Ray:
+        # scratch files here belong to a run Ray no longer knows (e.g. after --restart): start clean.
+        resume = not config["report_checkpoints"]
+        latest = CheckpointManager(cfg.train.out_dir).latest() if resume else None
         hooks.resumed_from_step = _checkpoint_step(latest) if latest is not None else None
-        result = train(cfg, hooks=hooks, dist=dist, resume=latest or False)
+        result = train(cfg, resume=resume, **options)
     else:
         # train() reads the checkpoint before its first step, so it is safe to use inside the context
         with checkpoint.as_directory() as directory:
             hooks.resumed_from_step = _checkpoint_step(Path(directory))
-            result = train(cfg, hooks=hooks, dist=dist, resume=Path(directory))
+            result = train(cfg, resume=Path(directory), **options)
     return {
         "step": result.step,
         "metrics": result.metrics,
+        "interrupted": result.interrupted,
+        "trained_steps": result.trained_steps,
+        "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+        "device": str(dist.device) if dist.device is not None else None,
         "resumed_from_step": hooks.resumed_from_step,
         "time_to_first_step": hooks.time_to_first_step,
     }
@@ -409,9 +644,10 @@ def _checkpoint_step(path: Path) -> int | None:
 
 
 def _worker_logging(local_mode: bool) -> None:
-    """Keep lm's INFO progress lines and drop Ray Train's per-report INFO lines."""
+    """lm's INFO progress lines once each, with a time stamp; Ray Train's per-report INFO lines dropped."""
     if local_mode:  # Train's logging setup (and its level filter) is not applied in the driver
         logging.getLogger("ray.train").setLevel(logging.WARNING)
+        return
     # Ray 2.60 logs "Reporting training result N: <every metric>" through a logger named after its source
     # *file*, which Train's own log-level filter misses; silence just that one.
     with contextlib.suppress(Exception):
@@ -419,5 +655,13 @@ def _worker_logging(local_mode: bool) -> None:
 
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     for name in ("lm", "lmplatform"):
-        if logging.getLogger(name).level == logging.NOTSET:
-            logging.getLogger(name).setLevel(logging.INFO)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not any(getattr(h, "_lmlab", False) for h in logger.handlers):
+            # One handler of our own, in lm's format, and no propagation: the worker's root logger (set up by
+            # Ray Train) would print each line a second time, without a time stamp.
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+            handler._lmlab = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.propagate = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -11,8 +12,10 @@ import torch
 from lmplatform.tracking import BEST_ALIAS, mlflow_client, registered_model_name
 from lmplatform.train import FAIL_ENV, PlatformError, check_resources, run_training
 
-from lm.checkpoint import TRAINER, load_model
+from lm.checkpoint import METRICS, TRAINER, RunLockedError, load_model, read_run_record, run_lock
+from lm.config import ConfigError
 from lm.generate import iter_generate
+from lm.train import RunFinishedError, TrainError
 
 pytestmark = pytest.mark.ray
 
@@ -32,24 +35,30 @@ def test_local_mode_reports_tracks_and_registers(make_config, tmp_path: Path) ->
     cfg, pcfg = make_config("train.log_interval=2")
     outcome = run_training(cfg, pcfg)
 
-    # Ray side: the final report carries the validation metrics and a checkpoint
-    assert outcome.step == 20
-    assert outcome.result.checkpoint is not None
-    assert {"val_loss", "val_ppl", "val_bpb"} <= set(outcome.metrics)
-    assert outcome.final_checkpoint is not None and (outcome.final_checkpoint / TRAINER).is_file()
-    assert outcome.best_checkpoint is not None
+    # one checkpoint tree, the loop's, in the run directory: step-*, best/ and run.json; no copy by Ray
+    run_dir = Path(pcfg.ray.run_dir)
+    assert outcome.step == 20 and outcome.trained_steps == 20 and not outcome.interrupted
+    assert {"val_loss", "val_ppl", "val_bpb", "dev_loss"} <= set(outcome.metrics)
+    assert outcome.final_checkpoint == run_dir / "step-000020" and (outcome.final_checkpoint / TRAINER).is_file()
+    assert outcome.best_checkpoint == run_dir / "best"
+    load_model(run_dir / "best")  # what `lm eval runs/<name>/best` reads
+    assert not list(run_dir.glob("checkpoint_*"))
+    assert read_run_record(run_dir)["status"] == "finished"
     assert outcome.time_to_first_step is not None and outcome.time_to_first_step > 0
+    assert outcome.device == "cpu"
 
     client = mlflow_client(pcfg.tracking.uri)
     run = client.get_run(outcome.tracker.run_id)
     assert run.info.status == "FINISHED"
+    assert read_run_record(run_dir)["mlflow_run_id"] == run.info.run_id
     params = run.data.params
     assert params["model.n_embd"] == "32"
     assert params["train.max_steps"] == "20"
     assert params["ray.num_workers"] == "0"
-    assert params["train.out_dir"].startswith(str(tmp_path))  # the worker-local directory, absolute
+    assert params["train.out_dir"] == str(run_dir)  # the directory the loop wrote, absolute
     assert run.data.tags["version.torch"] == torch.__version__
     assert run.data.tags["lmlab.num_workers"] == "0"
+    assert run.data.tags["lmlab.device"] == "cpu"
     assert _steps(client, run.info.run_id, "train_loss") == list(range(2, 21, 2))
     assert len(_steps(client, run.info.run_id, "lr")) == 10
     assert run.data.metrics["val_ppl"] == pytest.approx(outcome.metrics["val_ppl"])
@@ -57,26 +66,78 @@ def test_local_mode_reports_tracks_and_registers(make_config, tmp_path: Path) ->
 
     files = _artifact_files(client, run.info.run_id)
     assert {"config.yaml", "tokenizer.json", "loss_curve.png", "samples.txt"} <= set(files)
-    for kind in ("final", "best"):
-        assert f"checkpoints/{kind}/model.safetensors" in files
+    assert "checkpoints/final/model.safetensors" in files
+    assert any(f.startswith("checkpoints/best") and f.endswith("model.safetensors") for f in files)
     assert not [f for f in files if f.endswith(TRAINER)], "optimizer state must never reach MLflow"
 
     # the logged weights are a complete, loadable model
-    local = Path(client.download_artifacts(run.info.run_id, "checkpoints/best", str(tmp_path / "dl")))
+    local = Path(client.download_artifacts(run.info.run_id, "checkpoints/final", str(tmp_path / "dl")))
     model, loaded_cfg, tokenizer = load_model(local)
     assert loaded_cfg.model == cfg.model
     idx = torch.tensor([tokenizer.encode("ROMEO:")])
     tokens = list(iter_generate(model, idx, 5, temperature=0.0))
     assert len(tokens) == 5
 
-    # registry: a version pointing at this run, with metrics as tags, and the alias on the best version
+    # registry: a version pointing at this run, and the alias on it
     name = registered_model_name("itest")
     versions = client.search_model_versions(f"name = '{name}'")
     assert [v.run_id for v in versions] == [run.info.run_id]
-    assert float(versions[0].tags["val_bpb"]) == pytest.approx(
-        float(client.get_model_version(name, versions[0].version).tags["val_bpb"])
-    )
     assert client.get_model_version_by_alias(name, BEST_ALIAS).version == versions[0].version
+
+
+def test_restart_leaves_nothing_of_the_previous_run(make_config) -> None:
+    cfg, pcfg = make_config()
+    first = run_training(cfg, pcfg)
+    run_dir = Path(pcfg.ray.run_dir)
+    (run_dir / "checkpoint_2026-01-01_00-00-00.000000").mkdir()  # what older versions let Ray copy here
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")
+
+    cfg2, pcfg2 = make_config("train.max_steps=6", "train.checkpoint_interval=3")
+    fresh = run_training(cfg2, pcfg2, restart=True)
+    assert fresh.step == 6 and fresh.resumed_from_step is None
+    names = {p.name for p in run_dir.iterdir()}
+    assert names == {".lock", "run.json", "best", "step-000003", "step-000006"}
+    assert json.loads((run_dir / "best" / METRICS).read_text())["step"] <= 6  # not the old 20-step model
+    record = read_run_record(run_dir)
+    assert record["step"] == 6 and record["mlflow_run_id"] == fresh.tracker.run_id != first.tracker.run_id
+
+
+def test_a_second_writer_is_refused_at_once_and_writes_nothing(make_config) -> None:
+    cfg, pcfg = make_config()
+    with run_lock(pcfg.ray.run_dir):  # another `lm train` on this run
+        with pytest.raises(RunLockedError, match="in use by another `lm train`"):
+            run_training(cfg, pcfg)
+    client = mlflow_client(pcfg.tracking.uri)
+    experiment = client.get_experiment_by_name("itest")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
+
+
+def test_finished_run_is_refused_before_any_mlflow_write(make_config) -> None:
+    cfg, pcfg = make_config()
+    first = run_training(cfg, pcfg)
+    client = mlflow_client(pcfg.tracking.uri)
+    before = client.get_run(first.tracker.run_id)
+    with pytest.raises(RunFinishedError, match="finished at step 20"):
+        run_training(cfg, pcfg)
+    # an override that cannot resume this run (another model shape) is refused just as early
+    cfg2, pcfg2 = make_config("model.n_embd=64")
+    with pytest.raises(TrainError):
+        run_training(cfg2, pcfg2)
+    (run,) = client.search_runs([client.get_experiment_by_name("itest").experiment_id])
+    assert run.info.run_id == first.tracker.run_id and run.info.status == "FINISHED"
+    assert run.info.end_time == before.info.end_time and run.data.tags == before.data.tags
+    assert len(client.search_model_versions(f"name = '{registered_model_name('itest')}'")) == 1
+
+
+def test_device_maps_onto_ray_resources(make_config) -> None:
+    _, pcfg = make_config("train.device=cuda")
+    assert pcfg.ray.use_gpu  # Ray gives each worker a GPU; never cuda in MLflow with a CPU worker
+    with pytest.raises(ConfigError, match="train.device='cuda:1' is not allowed under Ray"):
+        make_config("train.device=cuda:1")
+    with pytest.raises(ConfigError, match="contradicts ray.use_gpu=true"):
+        make_config("train.device=cpu", "ray.use_gpu=true")
+    with pytest.raises(ConfigError, match="ray.run_name"):
+        make_config("ray.run_name=..")
 
 
 def test_samples_and_loss_curve_are_readable(make_config, tmp_path: Path) -> None:
@@ -98,6 +159,7 @@ def test_failed_run_ends_failed(make_config, monkeypatch: pytest.MonkeyPatch) ->
         run_training(cfg, pcfg)
     (run,) = client.search_runs([client.get_experiment_by_name("itest").experiment_id])
     assert run.info.status == "FAILED"
+    assert "injected failure at step 3" in run.data.tags["lmlab.failure"]
     assert _steps(client, run.info.run_id, "train_loss") == [1, 2]  # logged live, before the failure
 
 

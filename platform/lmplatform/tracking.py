@@ -681,42 +681,39 @@ def _where(client: MlflowClient, info: Any, tags: Mapping[str, str]) -> list[str
     """Lines naming the run directory (and its run.json), local checkpoints, and the MLflow copies."""
     from lm.checkpoint import CheckpointError, read_run_record
 
-    out = []
+    rows: list[tuple[str, str]] = []
     run_dir = tags.get(RUN_DIR_TAG)
     if run_dir:
         local = Path(run_dir) if "://" not in run_dir else None
-        state = "not on this machine"
+        state, steps = "not on this machine", []
         if local is not None and local.is_dir():
             try:
                 record = read_run_record(local)
+                state = "no run.json"
             except CheckpointError as exc:
                 record, state = {}, str(exc)
-            else:
-                state = "no run.json"
             if record:
-                mine = record.get(RUN_ID_FIELD) == info.run_id
-                state = f"run.json: {record.get('status', '?')} at step {record.get('step', '?')}" + (
-                    "" if mine else f"; now belongs to MLflow run {record.get(RUN_ID_FIELD) or 'none'}"
-                )
+                state = f"run.json: {record.get('status', '?')} at step {record.get('step', '?')}"
+                if record.get(RUN_ID_FIELD) != info.run_id:
+                    state += f"; the directory now belongs to MLflow run {record.get(RUN_ID_FIELD) or 'none'}"
             steps = sorted(
                 p.name for p in local.iterdir() if p.is_dir() and p.name.startswith(("step-", "checkpoint_"))
             )
-            if steps:
-                out.append(f"  checkpoints  {local}/{{{', '.join(steps)}}}")
-        out.insert(0, f"  run dir      {run_dir} ({state})")
+        rows.append(("run dir", f"{run_dir} ({state})"))
+        if steps:
+            rows.append(("checkpoints", f"{local}: {', '.join(steps)}"))
     for label, key in (("best", BEST_CHECKPOINT_TAG), ("final", FINAL_CHECKPOINT_TAG)):
         if tags.get(key):
-            exists = "" if Path(tags[key]).is_dir() else " (no longer on disk)"
-            out.append(f"  {label:<12} {tags[key]}{exists}")
+            rows.append((label, tags[key] + ("" if Path(tags[key]).is_dir() else " (no longer on disk)")))
     root = info.artifact_uri.rstrip("/")
-    out.append(f"  artifacts    {root}")
+    rows.append(("artifacts", root))
     if tags.get(BEST_ARTIFACT_TAG):
-        out.append(f"  best (mlflow) {root}/{tags[BEST_ARTIFACT_TAG]}")
+        rows.append(("best in mlflow", f"{root}/{tags[BEST_ARTIFACT_TAG]}"))
     if tags.get(FINAL_CHECKPOINT_TAG):
-        out.append(f"  final (mlflow) {root}/checkpoints/final")
+        rows.append(("final in mlflow", f"{root}/checkpoints/final"))
     if any(item.path == LOSS_CURVE for item in client.list_artifacts(info.run_id)):
-        out.append(f"  loss curve   {root}/{LOSS_CURVE}")
-    return out
+        rows.append(("loss curve", f"{root}/{LOSS_CURVE}"))
+    return [f"  {label:<15} {value}" for label, value in rows]
 
 
 def download_checkpoint(uri: str, ref: str, dest: Path | None = None) -> Path:

@@ -266,10 +266,10 @@ def test_views_and_download_say_where_everything_is(make_config, make_checkpoint
 
     shown = show_run(uri, tracker.run_id[:10])
     root = _run(tracker).info.artifact_uri
-    assert f"run dir      {run_dir} (run.json: finished at step 20)" in shown
-    assert f"best         {best}" in shown and f"final        {final}" in shown
-    assert f"best (mlflow) {root}/checkpoints/best-step-10" in shown
-    assert f"loss curve   {root}/loss_curve.png" in shown
+    assert f"run dir         {run_dir} (run.json: finished at step 20)" in shown
+    assert f"best            {best}" in shown and f"final           {final}" in shown
+    assert f"best in mlflow  {root}/checkpoints/best-step-10" in shown
+    assert f"loss curve      {root}/loss_curve.png" in shown
     assert f"models:/{MODEL}/1 (aliases: best)  val perplexity 30.12" in shown
     assert "device      cpu" in shown
 

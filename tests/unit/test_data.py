@@ -12,7 +12,6 @@ import os
 import socket
 import tarfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -592,19 +591,25 @@ def test_sampler_rejects_too_little_data() -> None:
         BlockSampler(np.arange(100, dtype=np.uint16), 32, 1, seed=0, rank=0, world_size=4)
 
 
-def test_sampler_on_memmap_is_fast_and_does_not_copy(tmp_path: Path) -> None:
+def test_sampler_on_memmap_reads_only_its_blocks(tmp_path: Path) -> None:
+    import tracemalloc
+
     path = tmp_path / "tokens.bin"
     np.arange(1_000_000, dtype=np.uint32).tofile(path)
     tokens = np.memmap(path, dtype=np.uint32, mode="r")
     sampler = BlockSampler(tokens, 128, 16, seed=0)
     assert sampler.tokens is tokens
-    sampler.next_batch()
-    start = time.perf_counter()
-    for _ in range(200):
-        x, y = sampler.next_batch()
-    per_batch = (time.perf_counter() - start) / 200
+    sampler.next_batch()  # the epoch's block order (8 bytes a block) is built once, outside the measurement
+    tracemalloc.start()
+    try:
+        for _ in range(200):
+            x, y = sampler.next_batch()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     assert torch.equal(y, x + 1)
-    assert per_batch < 1e-3, f"{per_batch * 1e3:.3f} ms per 16x128 batch"
+    # one batch's 16 x 129 tokens at a time, never a copy of the 4 MB array (speed is `make bench`'s business)
+    assert peak < 200_000, peak
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -424,10 +424,13 @@ class RunTracker:
                     )
                     return str(found.version)
         metrics = _read_metrics(best)
-        with contextlib.suppress(MlflowException):  # already registered by an earlier run
-            self.client.create_registered_model(
-                name, description=f"Best checkpoints of lmlab experiment {self.experiment!r}"
-            )
+        try:  # a read first: a failed create is still a write that takes SQLite's lock
+            self.client.get_registered_model(name)
+        except MlflowException:
+            with contextlib.suppress(MlflowException):  # another process created it meanwhile
+                self.client.create_registered_model(
+                    name, description=f"Best checkpoints of lmlab experiment {self.experiment!r}"
+                )
         tags = {k: str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         tags |= {WEIGHTS_SHA_TAG: sha, "lmlab.artifact_path": artifact_path}
         version = self.client.create_model_version(

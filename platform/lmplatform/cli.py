@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
+from pathlib import Path
 
 from lm import cli as lm_cli
 from lm.config import ExperimentConfig
@@ -121,25 +123,87 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_show(args: argparse.Namespace) -> int:
-    """Print one MLflow run in full."""
-    print(show_run(_tracking_uri(args), args.run_id))
+    """Print one MLflow run in full: where its checkpoints, best checkpoint and plots are, metrics, params."""
+    print(show_run(_tracking_uri(args), _mlflow_run_id(args.run_id)))
     return 0
 
 
+def _mlflow_run_id(ref: str) -> str:
+    """A run id (or prefix) as given, or the MLflow run a run directory's run.json records."""
+    from lm.checkpoint import CheckpointError, read_run_record
+
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        return ref
+    run_id = read_run_record(path).get("mlflow_run_id")
+    if not run_id:
+        raise CheckpointError(f"{ref}: no MLflow run recorded in {path / 'run.json'} (was it tracked?)")
+    return str(run_id)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print the resolved configuration, lm's sections and the platform's (ray:, tracking:), one key a line."""
+    import dataclasses
+
+    from lm.config import to_dict
+
+    cfg, pcfg = load_platform_config(args.config, lm_cli.overrides_from_args(args))
+    print(lm_cli.format_settings({**to_dict(cfg), **dataclasses.asdict(pcfg)}))
+    return 0
+
+
+# An MLflow run id is 32 hex digits; `lm eval` accepts a unique prefix of one, like `lm runs show`.
+_RUN_ID_PREFIX = re.compile(r"[0-9a-f]{6,32}")
+
+
+def resolve_checkpoint(args: argparse.Namespace) -> Path:
+    """lm's checkpoint and run directories, plus MLflow references (downloaded into a local cache).
+
+    ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` from the registry, or a run id (or a unique prefix of one)
+    that is not also a path here.
+    """
+    ref = args.checkpoint
+    is_run_id = _RUN_ID_PREFIX.fullmatch(ref) is not None and not Path(ref).expanduser().exists()
+    if not (ref.startswith("models:/") or is_run_id):
+        return lm_cli.resolve_checkpoint(args)
+    import atexit
+    import shutil
+    import tempfile
+
+    from lmplatform.tracking import download_checkpoint
+
+    dest = Path(tempfile.mkdtemp(prefix="lmlab-model-"))
+    atexit.register(shutil.rmtree, dest, ignore_errors=True)  # a copy for this command only
+    path = download_checkpoint(_tracking_uri(args), ref, dest)
+    print(f"{ref}: using checkpoint {path}", file=sys.stderr)
+    return path
+
+
 def _tracking_uri(args: argparse.Namespace) -> str:
-    overrides = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
+    tracking_uri = getattr(args, "tracking_uri", None)
+    overrides = [f"tracking.uri={tracking_uri}"] if tracking_uri else []
     return load_platform_config(None, overrides)[1].tracking.uri or ""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """lm's parser with the platform's ``train`` handler and the ``runs`` verb."""
     parser = lm_cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = _subcommands(parser)
     train_parser = sub.choices["train"]
     train_parser.description = (
         "Train on Ray Train (ray: section) with MLflow tracking; --local runs in-process."
     )
     train_parser.set_defaults(handler=cmd_train)
+    store_help = "MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)"
+    for verb in ("eval", "generate"):
+        p = sub.choices[verb]
+        p.set_defaults(resolve=resolve_checkpoint)
+        p.add_argument("--tracking-uri", help=f"{store_help}, for run ids and models:/ URIs")
+        p.description = (
+            "CHECKPOINT: a checkpoint directory, a run directory (its best checkpoint), an MLflow run id (or a "
+            "unique prefix), or a registered model: models:/NAME@ALIAS, models:/NAME/VERSION."
+        )
+    _subcommands(sub.choices["config"]).choices["show"].set_defaults(handler=cmd_config_show)
 
     p = sub.add_parser("runs", help="list and inspect MLflow runs")
     runs_sub = p.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
@@ -148,11 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--max-results", type=int, default=50)
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.set_defaults(handler=cmd_runs_list)
-    p = runs_sub.add_parser("show", help="one run: tags, params, metrics, artifacts, model versions")
-    p.add_argument("run_id", help="a run id or a unique prefix of one")
+    p = runs_sub.add_parser(
+        "show", help="one run: where its checkpoints and plots are, tags, params, metrics, model versions"
+    )
+    p.add_argument("run_id", metavar="RUN", help="a run id, a unique prefix of one, or a run directory")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.set_defaults(handler=cmd_runs_show)
     return parser
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -76,6 +77,56 @@ def test_user_mistakes_print_one_line_and_exit_2(
     assert main(["runs", "show", "abc", "--tracking-uri", missing]) == 2
     assert "no MLflow store at" in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists()  # looking did not create a store
+
+
+def test_eval_generate_and_runs_show_address_a_run_every_way(
+    exp_yaml: Path,
+    tiny_overrides: list[str],
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["train", "--local", "--no-sample", str(exp_yaml), *tiny_overrides]) == 0
+    capsys.readouterr()
+    (run,) = mlflow_client(mlflow_store).search_runs(["1"])
+    run_id = run.info.run_id
+    local_run = tmp_path / "local-run"
+    cache = ["--cache-dir", str(tmp_path / "data")]
+
+    scored = {}
+    for ref in (str(local_run), run_id, run_id[:8], "models:/lmlab-itest@best", "models:/lmlab-itest/1"):
+        out_json = tmp_path / f"eval-{len(scored)}.json"
+        assert main(["eval", ref, *cache, "--json", str(out_json)]) == 0, ref
+        captured = capsys.readouterr()
+        assert f"{ref}: using" in captured.err
+        scored[ref] = json.loads(out_json.read_text())[0]["loss"]
+    # every reference is the same best checkpoint
+    assert len({round(loss, 6) for loss in scored.values()}) == 1
+
+    assert main(["generate", "models:/lmlab-itest@best", "--max-new-tokens", "4", "--prompt", "KING:"]) == 0
+    assert capsys.readouterr().out.startswith("KING:")
+    assert main(["eval", "models:/lmlab-itest@nope", *cache]) == 2
+    assert "has no alias 'nope'" in capsys.readouterr().err
+
+    # lm runs show takes the run id or the run directory (its run.json names the MLflow run)
+    for ref in (run_id[:8], str(local_run)):
+        assert main(["runs", "show", ref, "--tracking-uri", mlflow_store]) == 0
+        shown = capsys.readouterr().out
+        assert shown.startswith(f"run {run_id}")
+        assert "where:" in shown and str(local_run) in shown and str(local_run / "best") in shown
+
+
+def test_config_show_includes_the_platform_sections(
+    exp_yaml: Path, tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "show", str(exp_yaml), *tiny_overrides, "ray.max_failures=3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "name: itest" in lines and "model.n_embd: 32" in lines
+    assert "ray.num_workers: 0" in lines and "ray.max_failures: 3" in lines
+    assert f"ray.storage_path: {tmp_path / 'runs'}" in lines and "ray.run_name: itest" in lines
+    assert "tracking.enabled: true" in lines and "tracking.experiment: itest" in lines
+    assert main(["config", "show", str(exp_yaml), "ray.num_worker=2"]) == 2
+    assert "ray.num_worker" in capsys.readouterr().err
 
 
 def test_entry_points_and_no_import_time_side_effects(tmp_path: Path) -> None:

@@ -13,13 +13,14 @@ import re
 import sys
 import time
 from pathlib import Path
+from pathlib import Path
 
 from lm import cli as lm_cli
 from lm.config import ExperimentConfig
 from lm.data import prepare_data
 from lm.train import train
 from lmplatform.config import PlatformConfig, load_platform_config
-from lmplatform.tracking import RunTracker, TrackingError, TrackingHooks, list_runs, show_run, start_run
+from lmplatform.tracking import RunTracker, TrackingError, list_runs, show_run, start_run
 from lmplatform.train import PlatformError
 
 log = logging.getLogger("lmplatform")
@@ -36,29 +37,62 @@ def _process_start() -> float:
         return time.time()
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train on Ray Train (or in this process with --local), track in MLflow, print results and a sample."""
-    started_at = _process_start()
-    cfg, pcfg = load_platform_config(args.config, lm_cli.overrides_from_args(args))
-    if args.local:
-        return _train_local(args, cfg, pcfg)
-    if args.out:
-        log.warning(
-            "--out sets train.out_dir, which only --local uses; Ray keeps this run in %s", pcfg.ray.run_dir
-        )
+# Appended to a finished run's message; both options work in both modes (--out sets the Ray run directory too).
+FINISHED_HINT = "--restart to train it again, or --out DIR for a new run"
 
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train on Ray Train (or in this process with --local), track in MLflow, print results and a sample.
+
+    A finished run is not trained again: the command says so, with the step and perplexity it finished at,
+    and exits 2 like any other refused command, having written nothing.
+    """
+    from lm.train import RunFinishedError
+
+    started_at = _process_start()
+    try:
+        if args.local:
+            cfg, pcfg = load_platform_config(args.config, lm_cli.overrides_from_args(args))
+            return _train_local(args, cfg, pcfg)
+        cfg, pcfg = load_platform_config(args.config, _ray_overrides(args))
+        return _train_ray(args, cfg, pcfg, started_at)
+    except RunFinishedError as exc:
+        raise PlatformError(f"{exc}; {FINISHED_HINT}") from exc
+
+
+def _ray_overrides(args: argparse.Namespace) -> list[str]:
+    """Dotted overrides for a Ray run: ``--out DIR`` is the run directory, ``ray.storage_path``/``ray.run_name``."""
+    overrides = list(args.overrides)
+    if args.out:
+        out = Path(args.out).expanduser()
+        overrides += [f"ray.storage_path={out.parent}", f"ray.run_name={out.name}"]
+    return overrides
+
+
+def _train_ray(
+    args: argparse.Namespace, cfg: ExperimentConfig, pcfg: PlatformConfig, started_at: float
+) -> int:
+    """``lm train`` on Ray: SIGINT/SIGTERM stop every worker at one checkpoint, exit 130, and a re-run resumes."""
     import ray.train
 
-    from lmplatform.train import run_training
+    from lmplatform.train import StopRequest, run_training
 
+    stop = StopRequest()
     try:
-        outcome = run_training(cfg, pcfg, restart=args.restart, started_at=started_at)
+        with stop.on_signals():
+            outcome = run_training(cfg, pcfg, restart=args.restart, started_at=started_at, stop=stop)
     except ray.train.TrainingFailedError as exc:
         print(f"lm train: training failed on Ray: {_failure_summary(exc)} (traceback above)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("lm train: interrupted before training started; nothing was trained", file=sys.stderr)
+        return 130
+    if outcome.interrupted:
+        _print_interrupted(stop.signal_name, outcome.step, outcome.final_checkpoint, outcome.tracker)
+        return 130
     m = outcome.metrics
     _print_summary(cfg, outcome.step, m.get("train_seconds"), m, outcome.tracker)
-    print(f"ray run: {outcome.run_dir} (continue it by running the same command again)")
+    print(f"ray run: {outcome.run_dir} (best checkpoint: {outcome.best_checkpoint})")
     if outcome.resumed_from_step:
         print(f"resumed from step {outcome.resumed_from_step}")
     if outcome.time_to_first_step is not None:
@@ -68,35 +102,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_interrupted(why: str | None, step: int, checkpoint: object, tracker: RunTracker | None) -> None:
+    """Where a stopped run left its checkpoint, and that the same command resumes it."""
+    print(
+        f"lm train: stopped ({why or 'on request'}) at step {step}; checkpoint saved at {checkpoint}. "
+        "Run the same command again to resume from it.",
+        file=sys.stderr,
+    )
+    if tracker is not None:
+        print(f"mlflow: run {tracker.run_id} ended KILLED", file=sys.stderr)
+
+
 def _failure_summary(exc: Exception) -> str:
     """The first worker's (or the controller's) exception in one line."""
-    causes = list(getattr(exc, "worker_failures", {}).items())
-    if causes:
-        rank, cause = sorted(causes, key=lambda item: item[0])[0]
-        lines = str(cause).strip().splitlines()
-        return f"rank {rank}: {lines[-1] if lines else type(cause).__name__}"
-    cause = getattr(exc, "controller_failure", None) or exc
-    lines = str(cause).strip().splitlines()
-    return lines[0] if lines else type(cause).__name__
+    from lmplatform.train import failure_reason
+
+    return failure_reason(exc)
 
 
 def _train_local(args: argparse.Namespace, cfg: ExperimentConfig, pcfg: PlatformConfig) -> int:
-    """lm's in-process loop, with MLflow hooks when tracking is on."""
+    """lm's in-process loop, with MLflow hooks when tracking is on.
+
+    This process holds the run directory's lock and checks that the run can start (finished, shape or
+    tokenizer changes) before the first MLflow write, so a refused command leaves MLflow as it was.
+    """
+    from lm.checkpoint import run_lock
+    from lm.train import preflight, resolve_device
+
     if not pcfg.tracking.enabled:
         return lm_cli.cmd_train(args)
-    data = prepare_data(cfg, progress=True)
-    tracker = start_run(
-        cfg,
-        pcfg,
-        cfg.train.out_dir,
-        launcher="local",
-        resume=not args.restart,
-        tokenizer_path=data.tokenizer_path,
-    )
-    assert tracker is not None
-    with tracker.track():
-        result = train(cfg, data=data, hooks=TrackingHooks(tracker.logger), resume=not args.restart)
-        tracker.finish(cfg, result.last_checkpoint, result.best_checkpoint, pcfg.tracking.register_model)
+    out_dir = Path(cfg.train.out_dir)
+    with run_lock(out_dir):
+        data = prepare_data(cfg, progress=True)
+        preflight(cfg, out_dir, resume=not args.restart, data=data)
+        tracker = start_run(
+            cfg,
+            pcfg,
+            str(out_dir),
+            launcher="local",
+            resume=not args.restart,
+            tokenizer_path=data.tokenizer_path,
+        )
+        assert tracker is not None
+        with tracker.track():
+            result = train(cfg, data=data, hooks=tracker.hooks(), resume=not args.restart, lock=False)
+            tracker.set_device(resolve_device(cfg.train.device))  # what train() resolved it to, the same way
+            if result.interrupted:  # stopped by Ctrl-C/SIGTERM at a checkpoint: KILLED, nothing registered
+                tracker.status = "KILLED"
+            else:
+                tracker.finish(
+                    cfg, result.last_checkpoint, result.best_checkpoint, pcfg.tracking.register_model,
+                    trained_steps=result.trained_steps,
+                )  # fmt: skip
+    if result.interrupted:
+        _print_interrupted("signal", result.step, result.last_checkpoint, tracker)
+        return 130
     _print_summary(cfg, result.step, result.elapsed, result.metrics, tracker)
     print(f"checkpoints: {result.out_dir} (best: {result.best_checkpoint})")
     if result.best_checkpoint is not None and not args.no_sample:

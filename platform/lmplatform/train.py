@@ -114,6 +114,7 @@ class StopRequest:
         self.event = threading.Event()
         self.signal_name: str | None = None
         self._actor: Any = None
+        self._handler: Any = None
         _IN_PROCESS_STOP.clear()
 
     @property
@@ -139,15 +140,23 @@ class StopRequest:
         def handler(signum: int, frame: Any) -> None:
             for s, h in previous.items():  # the next signal acts as it would have without us
                 signal.signal(s, h)
+            self._handler = None
             self.request(signal.Signals(signum).name)
 
-        for s in signals:
-            signal.signal(s, handler)
+        self._handler = handler
+        self.rearm()
         try:
             yield self
         finally:
+            self._handler = None
             for s, h in previous.items():
                 signal.signal(s, h)
+
+    def rearm(self) -> None:
+        """Put our handlers back (ray.init installs Ray's own SIGTERM handler, which aborts the process)."""
+        if self._handler is not None:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, self._handler)
 
     def worker_handle(self) -> Any:
         """Something picklable the workers poll: a Ray actor (None in local mode, which reads the Event)."""
@@ -285,6 +294,7 @@ def run_training(
             preflight(cfg, root, resume=not restart)
         _raise_if_stopped(stop)
         tracker = _start_ray_and_tracking(cfg, pcfg, restart, data.tokenizer_path, root)
+        stop.rearm()
         with tracker.track() if tracker is not None else contextlib.nullcontext():
             _raise_if_stopped(stop)
             loop_config = {

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+import torch
 from lmplatform.cli import main
 from lmplatform.tracking import mlflow_client
+
+from lm.checkpoint import read_run_record
 
 pytestmark = pytest.mark.ray
 
@@ -150,3 +154,51 @@ def test_entry_points_and_no_import_time_side_effects(tmp_path: Path) -> None:
         check=True,
     )
     assert "runs" in helped.stdout and "train" in helped.stdout
+
+
+def _wait_for(proc: subprocess.Popen, needle: str, seen: list[str]) -> None:
+    """Read the child's stderr until a line contains ``needle`` (the test's timeout bounds the wait)."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        seen.append(line)
+        if needle in line:
+            return
+    raise AssertionError(f"{needle!r} never appeared:\n{''.join(seen)}")
+
+
+@pytest.mark.parametrize(
+    ("workers", "sig"),
+    [(2, signal.SIGTERM), (0, signal.SIGINT)],
+    ids=["2-workers-sigterm", "local-mode-sigint"],
+)
+def test_a_signal_stops_every_rank_at_one_checkpoint_and_ends_the_run_killed(
+    exp_yaml: Path, tiny_overrides: list[str], mlflow_store: str, tmp_path: Path, workers: int, sig: int
+) -> None:
+    args = [*tiny_overrides, f"ray.num_workers={workers}", "ray.address=local", "train.max_steps=1000000",
+            "train.log_interval=25", "train.eval_interval=0", "train.checkpoint_interval=0"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmplatform", "train", "--no-sample", str(exp_yaml), *args],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen: list[str] = []
+    try:
+        _wait_for(proc, "| loss", seen)  # training is under way
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    err = "".join(seen) + err
+    assert proc.returncode == 130, err
+    run_dir = tmp_path / "runs" / "itest"
+    (checkpoint,) = run_dir.glob("step-*")  # one checkpoint, at the step where it stopped
+    step = int(checkpoint.name.removeprefix("step-"))
+    assert f"at step {step}; checkpoint saved at {checkpoint}" in err
+    assert "Run the same command again to resume" in err
+    record = read_run_record(run_dir)
+    assert record["status"] == "interrupted" and record["step"] == step
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    assert state["step"] == step
+    assert json.loads((checkpoint / "metrics.json").read_text())["step"] == step
+    (run,) = mlflow_client(mlflow_store).search_runs(["1"])
+    assert run.info.status == "KILLED"
+    assert not mlflow_client(mlflow_store).search_registered_models()  # an interrupted run is not registered

@@ -39,7 +39,9 @@ def test_local_mode_reports_tracks_and_registers(make_config, tmp_path: Path) ->
     run_dir = Path(pcfg.ray.run_dir)
     assert outcome.step == 20 and outcome.trained_steps == 20 and not outcome.interrupted
     assert {"val_loss", "val_ppl", "val_bpb", "dev_loss"} <= set(outcome.metrics)
-    assert outcome.final_checkpoint == run_dir / "step-000020" and (outcome.final_checkpoint / TRAINER).is_file()
+    assert (
+        outcome.final_checkpoint == run_dir / "step-000020" and (outcome.final_checkpoint / TRAINER).is_file()
+    )
     assert outcome.best_checkpoint == run_dir / "best"
     load_model(run_dir / "best")  # what `lm eval runs/<name>/best` reads
     assert not list(run_dir.glob("checkpoint_*"))
@@ -292,3 +294,22 @@ def test_a_worker_group_the_cluster_cannot_hold_fails_fast(
     check_resources(pcfg.ray, {"CPU": 2.0}, fixed=False)  # a cluster we joined may autoscale: warn, wait
     assert "will wait until the cluster grows" in caplog.text
     check_resources(pcfg.ray, {"CPU": 3.0}, fixed=True)
+
+
+def test_remote_storage_reports_to_ray_and_restart_starts_fresh(
+    ray_cluster, make_config, tmp_path: Path
+) -> None:
+    remote = tmp_path / "remote"
+    cfg, pcfg = make_config("ray.num_workers=1", f"ray.storage_path={remote.as_uri()}", "train.max_steps=8",
+                            "train.checkpoint_interval=4", "train.eval_interval=4")  # fmt: skip
+    assert not pcfg.ray.is_local_storage  # file:// goes through pyarrow like s3:// would
+    first = run_training(cfg, pcfg)
+    assert first.step == 8
+    old = {p.name for p in (remote / "itest").glob("checkpoint_*")}
+    assert old and first.best_checkpoint is not None and first.best_checkpoint.name in old
+    assert json.loads((first.final_checkpoint / METRICS).read_text())["step"] == 8
+
+    fresh = run_training(cfg, pcfg, restart=True)  # never a silent resume of the old run
+    assert fresh.step == 8 and fresh.resumed_from_step is None and fresh.trained_steps == 8
+    new = {p.name for p in (remote / "itest").glob("checkpoint_*")}
+    assert new and not new & old

@@ -202,3 +202,57 @@ def test_a_signal_stops_every_rank_at_one_checkpoint_and_ends_the_run_killed(
     (run,) = mlflow_client(mlflow_store).search_runs(["1"])
     assert run.info.status == "KILLED"
     assert not mlflow_client(mlflow_store).search_registered_models()  # an interrupted run is not registered
+
+
+@pytest.mark.parametrize("mode", [[], ["--local"]], ids=["ray", "local"])
+def test_a_finished_run_says_so_trains_nothing_and_registers_nothing(
+    exp_yaml: Path,
+    tiny_overrides: list[str],
+    mlflow_store: str,
+    capsys: pytest.CaptureFixture[str],
+    mode: list,
+) -> None:
+    args = ["train", *mode, "--no-sample", str(exp_yaml), *tiny_overrides, "train.max_steps=4"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "itest: step 4" in first
+    client = mlflow_client(mlflow_store)
+    (before,) = client.search_runs(["1"])
+
+    assert main(args) == 2  # refused like any other command that cannot do what it was asked
+    out, err = capsys.readouterr()
+    assert "val perplexity" not in out  # no old number printed as if new
+    assert "run itest" in err and "finished at step 4" in err
+    assert "--restart to train it again, or --out DIR for a new run" in err
+    (after,) = client.search_runs(["1"])
+    assert (after.info.status, after.info.end_time) == (before.info.status, before.info.end_time)
+    assert len(client.search_model_versions("name = 'lmlab-itest'")) == 1
+
+    # both hints work in this mode: --out trains a new run elsewhere, --restart retrains this one
+    assert main([*args, "--out", str(Path(mlflow_store.removeprefix("sqlite:///")).parent / "other")]) == 0
+    assert "itest: step 4" in capsys.readouterr().out
+    assert main([*args, "--restart"]) == 0
+    assert len(client.search_runs(["1"])) == 3
+
+
+def test_out_sets_the_ray_run_directory(
+    exp_yaml: Path, tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "elsewhere" / "mine"
+    assert (
+        main(["train", "--no-sample", str(exp_yaml), *tiny_overrides, "train.max_steps=4", "--out", str(out)])
+        == 0
+    )
+    assert f"ray run: {out}" in capsys.readouterr().out
+    assert (out / "best").is_dir() and (out / "step-000004").is_dir() and not (tmp_path / "runs").exists()
+
+
+def test_a_refused_local_override_leaves_the_earlier_mlflow_run_alone(
+    exp_yaml: Path, tiny_overrides: list[str], mlflow_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "--local", "--no-sample", str(exp_yaml), *tiny_overrides, "train.max_steps=4"]
+    assert main(args) == 0
+    assert main([*args, "train.max_steps=8", "model.n_embd=64"]) == 2  # another shape cannot resume this run
+    assert "n_embd" in capsys.readouterr().err
+    (run,) = mlflow_client(mlflow_store).search_runs(["1"])
+    assert run.info.status == "FINISHED" and "lmlab.failure" not in run.data.tags

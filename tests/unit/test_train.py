@@ -353,12 +353,12 @@ def test_an_evaluation_serving_eval_and_checkpoint_runs_once(
     assert [s for s, _ in rec.evals] == [10, 20, 20] and [s for s, _ in rec.checkpoints] == [10, 20, 20]
 
 
-def test_a_time_budget_resume_trains_the_same_total(toy_cfg) -> None:
+def test_a_time_budget_resume_trains_the_same_total(toy_cfg, tmp_path: Path) -> None:
     kw = dict(
         train__max_steps=None, train__max_seconds=3.0, train__checkpoint_interval=20, train__log_interval=5
     )
-    straight = train(toy_cfg(train__out_dir="straight", **kw), clock=FakeClock())
-    cfg = toy_cfg(train__out_dir="halves", **kw)
+    straight = train(toy_cfg(train__out_dir=tmp_path / "straight", **kw), clock=FakeClock())
+    cfg = toy_cfg(train__out_dir=tmp_path / "halves", **kw)
     first = train(cfg, hooks=StopAfter(straight.step // 2), clock=FakeClock())
     assert first.interrupted
     second = train(cfg, clock=FakeClock())
@@ -392,7 +392,9 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(toy_cfg) -> None:
         assert all(torch.isfinite(t).all() for t in load_checkpoint(path).weights.values()), path
 
 
-def test_compilation_happens_before_the_clock_starts(toy_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compilation_happens_before_the_clock_starts(
+    toy_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[str] = []
 
     def fake_compile(module):  # stands in for torch.compile: the first call is where compilation happens
@@ -408,8 +410,8 @@ def test_compilation_happens_before_the_clock_starts(toy_cfg, monkeypatch: pytes
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     kw = dict(train__max_steps=6, model__dropout=0.1)
-    compiled = train(toy_cfg(train__compile=True, train__out_dir="c", **kw), hooks=Watch())
-    plain = train(toy_cfg(train__out_dir="p", **kw))
+    compiled = train(toy_cfg(train__compile=True, train__out_dir=tmp_path / "c", **kw), hooks=Watch())
+    plain = train(toy_cfg(train__out_dir=tmp_path / "p", **kw))
     assert calls[:2] == ["forward", "clock starts"]
     a, b = weights(compiled.last_checkpoint), weights(plain.last_checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the warm-up consumed no data and no randomness

@@ -601,12 +601,12 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker (or in the driver in local mode): rebuild the config, resume, train."""
     import ray.train
 
-    _worker_logging(config["local_mode"])
     # A worker gets the CPUs Ray reserved for it; in local mode the loop runs in the driver and keeps its threads.
     if not config["local_mode"]:
         torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     cfg = build(ExperimentConfig, config["experiment"])
     dist = ray_distributed_context()
+    _worker_logging(config["local_mode"], dist.rank)
     logger: MetricLogger | None = config["logger"] if dist.is_main else None
     if logger is not None:
         logger.warm_up()
@@ -653,8 +653,9 @@ def _checkpoint_step(path: Path) -> int | None:
         return None
 
 
-def _worker_logging(local_mode: bool) -> None:
-    """lm's INFO progress lines once each, with a time stamp; Ray Train's per-report INFO lines dropped."""
+def _worker_logging(local_mode: bool, rank: int) -> None:
+    """lm's INFO lines once each (rank 0 only: other ranks say the same), with a time stamp; Ray Train's
+    per-report INFO lines dropped."""
     if local_mode:  # Train's logging setup (and its level filter) is not applied in the driver
         logging.getLogger("ray.train").setLevel(logging.WARNING)
         return
@@ -666,7 +667,7 @@ def _worker_logging(local_mode: bool) -> None:
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     for name in ("lm", "lmplatform"):
         logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
         if not any(getattr(h, "_lmlab", False) for h in logger.handlers):
             # One handler of our own, in lm's format, and no propagation: the worker's root logger (set up by
             # Ray Train) would print each line a second time, without a time stamp.

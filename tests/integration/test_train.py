@@ -305,11 +305,11 @@ def test_remote_storage_reports_to_ray_and_restart_starts_fresh(
     assert not pcfg.ray.is_local_storage  # file:// goes through pyarrow like s3:// would
     first = run_training(cfg, pcfg)
     assert first.step == 8
-    old = {p.name for p in (remote / "itest").glob("checkpoint_*")}
+    old = {p.name for p in (remote / "itest").glob("checkpoint_*") if p.is_dir()}
     assert old and first.best_checkpoint is not None and first.best_checkpoint.name in old
     assert json.loads((first.final_checkpoint / METRICS).read_text())["step"] == 8
 
     fresh = run_training(cfg, pcfg, restart=True)  # never a silent resume of the old run
     assert fresh.step == 8 and fresh.resumed_from_step is None and fresh.trained_steps == 8
-    new = {p.name for p in (remote / "itest").glob("checkpoint_*")}
+    new = {p.name for p in (remote / "itest").glob("checkpoint_*") if p.is_dir()}
     assert new and not new & old

@@ -291,7 +291,11 @@ def run_training(
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(root)))
         # Everything that can refuse this run, before the first MLflow write (a refused command changes nothing).
         if rc.is_local_storage or restart:
-            preflight(cfg, root, resume=not restart)
+            preflight(cfg, root, resume=not restart, data=data)
+        else:
+            with _latest_remote_checkpoint(rc) as latest:
+                if latest is not None:
+                    preflight(cfg, root, resume=latest, data=data)
         _raise_if_stopped(stop)
         tracker = _start_ray_and_tracking(cfg, pcfg, restart, data.tokenizer_path, root)
         stop.rearm()
@@ -384,6 +388,31 @@ def _delete_remote_run(rc: RayConfig) -> None:
     if fs.get_file_info(run).type != pyarrow.fs.FileType.NotFound:
         log.info("--restart: removing the previous run in %s", rc.run_dir)
         fs.delete_dir(run)
+
+
+@contextlib.contextmanager
+def _latest_remote_checkpoint(rc: RayConfig) -> Iterator[Path | None]:
+    """A local copy of the newest ``checkpoint_*`` Ray keeps for this run on remote storage (None: none), so the
+    driver can refuse a finished or incompatible run before it writes to MLflow. Ray names checkpoint folders
+    by report time (``checkpoint_YYYY-MM-DD_HH-MM-SS.ffffff``), so the last name is the latest."""
+    import pyarrow.fs
+
+    fs, storage = pyarrow.fs.FileSystem.from_uri(rc.storage_path)
+    run = f"{storage.rstrip('/')}/{rc.run_name}"
+    found = [
+        info.path
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True))
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+    ]
+    if not found:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="lmlab-preflight-") as tmp:
+        local = Path(tmp) / "latest"
+        local.mkdir()
+        pyarrow.fs.copy_files(max(found), str(local), source_filesystem=fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip
+        yield local
 
 
 def build_trainer(rc: RayConfig, loop_config: dict[str, Any]) -> Any:

@@ -309,6 +309,13 @@ def test_remote_storage_reports_to_ray_and_restart_starts_fresh(
     assert old and first.best_checkpoint is not None and first.best_checkpoint.name in old
     assert json.loads((first.final_checkpoint / METRICS).read_text())["step"] == 8
 
+    with pytest.raises(
+        RunFinishedError, match="finished at step 8"
+    ):  # refused before MLflow, like local runs
+        run_training(cfg, pcfg)
+    client = mlflow_client(pcfg.tracking.uri)
+    assert client.get_run(first.tracker.run_id).info.status == "FINISHED"
+
     fresh = run_training(cfg, pcfg, restart=True)  # never a silent resume of the old run
     assert fresh.step == 8 and fresh.resumed_from_step is None and fresh.trained_steps == 8
     new = {p.name for p in (remote / "itest").glob("checkpoint_*") if p.is_dir()}

@@ -13,7 +13,6 @@ import re
 import sys
 import time
 from pathlib import Path
-from pathlib import Path
 
 from lm import cli as lm_cli
 from lm.config import ExperimentConfig

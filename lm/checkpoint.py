@@ -265,14 +265,14 @@ class RunLockedError(CheckpointError):
 
 
 def safe_rmtree(path: str | Path, root: str | Path) -> None:
-    """Delete ``path`` only if it lies strictly inside ``root`` (symlinks resolved); anything else raises."""
+    """Delete the file or tree ``path`` only if it lies strictly inside ``root`` (symlinks resolved); else raise."""
     path, root = Path(path), Path(root)
     # A link is judged by where it stands (it alone is removed), anything else by where it really is.
     target = path.parent.resolve() / path.name if path.is_symlink() else path.resolve()
     owner = root.resolve()
     if target == owner or owner not in target.parents:
         raise CheckpointError(f"refusing to delete {path}: it is not inside {root}")
-    if path.is_symlink():  # remove the link, never what it points to
+    if path.is_symlink() or path.is_file():  # a link goes, never what it points to
         path.unlink()
     elif path.exists():
         shutil.rmtree(path)
@@ -438,19 +438,13 @@ class CheckpointManager:
                 or p.name in (BEST, _BEST_BACKUP, RUN_RECORD)
                 or p.name.startswith(".tmp-")
             ):
-                if p.is_dir() and not p.is_symlink():
-                    safe_rmtree(p, self.out_dir)
-                else:
-                    p.unlink()
+                safe_rmtree(p, self.out_dir)
 
     def clean_temp(self) -> None:
         """Remove temp dirs left behind by saves that were killed."""
         if self.out_dir.is_dir():
             for p in self.out_dir.glob(".tmp-*"):
-                if p.is_dir():
-                    safe_rmtree(p, self.out_dir)
-                else:
-                    p.unlink(missing_ok=True)
+                safe_rmtree(p, self.out_dir)
 
     def _is_mine(self, path: Path) -> bool:
         if self.run_id is None:

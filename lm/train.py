@@ -488,7 +488,13 @@ def _loop(run: _Run, stop: _StopRequests, clock: Callable[[], float]) -> bool:
             if run.dist.is_main:
                 log.info(_progress_line(state.step, metrics))
         want_eval = bool(tc.eval_interval) and state.step % tc.eval_interval == 0
-        want_checkpoint = bool(tc.checkpoint_interval) and state.step % tc.checkpoint_interval == 0
+        # A step that ends a step or token budget is checkpointed once, by _finish (with its val score). The
+        # elapsed time is the one all ranks agreed on: every rank must make the same choice.
+        want_checkpoint = (
+            bool(tc.checkpoint_interval)
+            and state.step % tc.checkpoint_interval == 0
+            and budget_progress(tc, state.step, state.tokens, state.elapsed) < 1.0
+        )
         if want_eval or want_checkpoint:
             _evaluate_and_checkpoint(run, want_checkpoint, lambda: clock() - t_start)
 

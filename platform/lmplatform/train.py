@@ -363,17 +363,7 @@ def _delete_run(rc: RayConfig, root: Path) -> None:
     for child in root.iterdir():
         if child.name == _LOCK_FILE:
             continue
-        if child.is_dir() and not child.is_symlink():
-            safe_rmtree(child, storage)
-        else:
-            _check_inside(child, storage)
-            child.unlink()
-
-
-def _check_inside(path: Path, root: Path) -> None:
-    target, owner = path.parent.resolve() / path.name, root.resolve()
-    if owner not in target.parents:
-        raise PlatformError(f"refusing to delete {path}: it is not inside {root}")
+        safe_rmtree(child, storage)
 
 
 def _delete_remote_run(rc: RayConfig) -> None:

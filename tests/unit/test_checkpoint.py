@@ -154,7 +154,9 @@ def test_manager_keeps_the_last_n_and_the_best(tmp_path: Path, cfg, tokenizer) -
 def _save_steps(manager: CheckpointManager, cfg, tokenizer, steps_losses) -> None:
     model = TransformerLM(cfg.model)
     for step, loss in steps_losses:
-        manager.save(step, model=model, cfg=cfg, tokenizer=tokenizer, metrics={"dev_loss": loss}, trainer_state={})
+        manager.save(
+            step, model=model, cfg=cfg, tokenizer=tokenizer, metrics={"dev_loss": loss}, trainer_state={}
+        )
 
 
 def test_pruning_and_best_never_cross_runs(tmp_path: Path, cfg, tokenizer) -> None:
@@ -218,7 +220,9 @@ def test_safe_rmtree_refuses_anything_outside_its_root(tmp_path: Path) -> None:
 
 def test_one_writer_per_run_directory(tmp_path: Path) -> None:
     with ckpt_mod.run_lock(tmp_path / "run"):
-        with pytest.raises(ckpt_mod.RunLockedError, match=rf"in use by another `lm train` \(pid {os.getpid()}\)"):
+        with pytest.raises(
+            ckpt_mod.RunLockedError, match=rf"in use by another `lm train` \(pid {os.getpid()}\)"
+        ):
             with ckpt_mod.run_lock(tmp_path / "run"):
                 pass
     with ckpt_mod.run_lock(tmp_path / "run"):  # released when the holder is done

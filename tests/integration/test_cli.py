@@ -168,8 +168,8 @@ def _wait_for(proc: subprocess.Popen, needle: str, seen: list[str]) -> None:
 
 @pytest.mark.parametrize(
     ("workers", "sig"),
-    [(2, signal.SIGTERM), (0, signal.SIGINT)],
-    ids=["2-workers-sigterm", "local-mode-sigint"],
+    [(1, signal.SIGINT), (2, signal.SIGTERM), (0, signal.SIGINT)],
+    ids=["1-worker-sigint", "2-workers-sigterm", "local-mode-sigint"],  # the first is a Ctrl-C on `make train`
 )
 def test_a_signal_stops_every_rank_at_one_checkpoint_and_ends_the_run_killed(
     exp_yaml: Path, tiny_overrides: list[str], mlflow_store: str, tmp_path: Path, workers: int, sig: int

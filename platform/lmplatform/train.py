@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -235,6 +236,27 @@ def ensure_ray(rc: RayConfig) -> None:
     if started_here:
         os.environ.setdefault(_PREEMPTION_ENV, "0")
     check_resources(rc, ray.cluster_resources(), fixed=started_here)
+
+
+def probe_ray_address(address: str | None, timeout: float = 3.0) -> None:
+    """Fail at once when ``address`` (``host:port`` or ``ray://host:port``) takes no connection.
+
+    ``ray.init`` would retry an unreachable GCS for minutes, printing only Ray's own warnings. ``auto``,
+    ``local`` and no address at all are left to ``ray.init`` (they start or find a local head).
+    """
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # not host:port: let ray.init say what it thinks of it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise PlatformError(
+            f"cannot reach Ray at {address} ({exc.strerror or exc}): start a head there (`ray start --head`), "
+            "fix ray.address / RAY_ADDRESS, or unset it to start a local Ray"
+        ) from exc
 
 
 def check_resources(rc: RayConfig, total: dict[str, float], fixed: bool) -> None:
@@ -459,6 +481,10 @@ def _start_ray_and_tracking(
 ) -> RunTracker | None:
     """Open the MLflow run while Ray starts (each takes seconds); a run whose Ray never came up ends FAILED."""
     rc = pcfg.ray
+    if rc.num_workers > 0:
+        probe_ray_address(
+            rc.address or os.environ.get("RAY_ADDRESS")
+        )  # a wrong address: no MLflow run at all
     # Ray must start on the main thread (ray.init from a worker thread lost its GCS connection here), so the
     # MLflow side (import, schema check, params) is the part that moves to a thread.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlflow-start") as pool:

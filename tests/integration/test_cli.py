@@ -169,7 +169,11 @@ def _wait_for(proc: subprocess.Popen, needle: str, seen: list[str]) -> None:
 @pytest.mark.parametrize(
     ("workers", "sig"),
     [(1, signal.SIGINT), (2, signal.SIGTERM), (0, signal.SIGINT)],
-    ids=["1-worker-sigint", "2-workers-sigterm", "local-mode-sigint"],  # the first is a Ctrl-C on `make train`
+    ids=[
+        "1-worker-sigint",
+        "2-workers-sigterm",
+        "local-mode-sigint",
+    ],  # the first is a Ctrl-C on `make train`
 )
 def test_a_signal_stops_every_rank_at_one_checkpoint_and_ends_the_run_killed(
     exp_yaml: Path, tiny_overrides: list[str], mlflow_store: str, tmp_path: Path, workers: int, sig: int
@@ -257,3 +261,15 @@ def test_a_refused_local_override_leaves_the_earlier_mlflow_run_alone(
     assert "n_embd" in capsys.readouterr().err
     (run,) = mlflow_client(mlflow_store).search_runs(["1"])
     assert run.info.status == "FINISHED" and "lmlab.failure" not in run.data.tags
+
+
+def test_an_unreachable_ray_address_fails_at_once_and_creates_no_run(
+    exp_yaml: Path, tiny_overrides: list[str], mlflow_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", str(exp_yaml), *tiny_overrides, "ray.num_workers=1", "ray.address=127.0.0.1:1"]
+    assert main(args) == 2  # ray.init alone would retry for minutes, printing only Ray's own warnings
+    err = capsys.readouterr().err
+    assert "cannot reach Ray at 127.0.0.1:1" in err and "ray start --head" in err
+    if Path(mlflow_store.removeprefix("sqlite:///")).exists():  # the store may not even have been created
+        client = mlflow_client(mlflow_store)
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])

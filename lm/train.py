@@ -797,7 +797,13 @@ def _restore(
 
 def _rebase_schedule(budget: dict[str, Any] | None, state: _State, cfg: ExperimentConfig) -> None:
     """A budget changed on resume: decay from the LR the run had reached, never back up towards the peak."""
-    if budget is None or budget == _budget(cfg.train) or state.step < cfg.optim.warmup_steps:
+    if budget is None or budget == _budget(cfg.train):
+        return
+    if state.step < cfg.optim.warmup_steps:
+        log.warning(
+            "the budget changed on resume (%s -> %s): still warming up, so the decay will span the new budget",
+            _describe_budget_dict(budget), _describe_budget(cfg.train),
+        )  # fmt: skip
         return
     progress = budget_progress(cfg.train, state.step, state.tokens, state.elapsed)
     state.warmup_progress, state.decay_from_lr = progress, state.lr or cfg.optim.min_lr
@@ -812,8 +818,10 @@ def _warn_changed(path: Path, started: dict[str, Any], cfg: ExperimentConfig) ->
     """Warn, naming each key, when this resume's settings differ from the ones the run STARTED with."""
     before = flatten(started)
     after = flatten(to_dict(cfg))
+    # A changed budget is a continuation, not a mistake: _rebase_schedule says what it does with it.
+    ignored = {"train.out_dir", "train.max_steps", "train.max_tokens", "train.max_seconds"}
     keys = sorted(
-        k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k != "train.out_dir"
+        k for k in before.keys() | after.keys() if before.get(k) != after.get(k) and k not in ignored
     )
     if keys:
         log.warning(

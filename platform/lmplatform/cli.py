@@ -128,13 +128,13 @@ def _train_local(args: argparse.Namespace, cfg: ExperimentConfig, pcfg: Platform
     out_dir = Path(cfg.train.out_dir)
     with run_lock(out_dir):
         data = prepare_data(cfg, progress=True)
-        preflight(cfg, out_dir, resume=not args.restart, data=data)
+        resumes = preflight(cfg, out_dir, resume=not args.restart, data=data) is not None
         tracker = start_run(
             cfg,
             pcfg,
             str(out_dir),
             launcher="local",
-            resume=not args.restart,
+            resume=resumes,  # reopen the MLflow run only when a checkpoint is resumed
             tokenizer_path=data.tokenizer_path,
         )
         assert tracker is not None

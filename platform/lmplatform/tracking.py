@@ -318,12 +318,10 @@ class RunTracker:
             params |= {f"ray.{k}": _param_value(v) for k, v in to_dict(pcfg.ray).items() if k != "address"}
         logged = previous.data.params if previous is not None else {}
         changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
-        for key, value in changed.items():  # MLflow refuses to overwrite a param of a reopened run
-            log.warning(
-                "resumed run: %s changed from %s to %s (the param keeps the first value)",
-                key,
-                logged[key],
-                value,
+        if changed:  # lm.train already warned about the change itself; this says where MLflow keeps it
+            log.info(
+                "MLflow keeps a reopened run's first param values; the changes are in tags lmlab.changed.*: %s",
+                ", ".join(changed),
             )
         new_params = [Param(k, v) for k, v in params.items() if k not in logged]
         tag_values = _system_tags(cfg, pcfg, run_dir, launcher)
@@ -331,7 +329,8 @@ class RunTracker:
         if (
             previous is not None and FAILURE_TAG in previous.data.tags
         ):  # an earlier attempt's failure is history
-            tag_values |= {FAILURE_TAG: "", NOTE_TAG: f"resumed after: {previous.data.tags[FAILURE_TAG]}"}
+            tag_values |= {NOTE_TAG: f"resumed after: {previous.data.tags[FAILURE_TAG]}"}
+            self.client.delete_tag(self.run_id, FAILURE_TAG)
         tags = [RunTag(k, _tag_value(v)) for k, v in tag_values.items()]
         for i in range(0, max(len(new_params), len(tags)), _BATCH_LIMIT):
             self.client.log_batch(

@@ -312,14 +312,17 @@ def run_training(
         data = prepare_data(cfg, progress=True)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(root)))
         # Everything that can refuse this run, before the first MLflow write (a refused command changes nothing).
+        # The MLflow run is reopened only when a checkpoint is resumed: a launch that failed before its first
+        # checkpoint (no CPUs, a bad device) must not lend its params to the retry that trains.
         if rc.is_local_storage or restart:
-            preflight(cfg, root, resume=not restart, data=data)
+            resumes = preflight(cfg, root, resume=not restart, data=data) is not None
         else:
             with _latest_remote_checkpoint(rc) as latest:
+                resumes = latest is not None
                 if latest is not None:
                     preflight(cfg, root, resume=latest, data=data)
         _raise_if_stopped(stop)
-        tracker = _start_ray_and_tracking(cfg, pcfg, restart, data.tokenizer_path, root)
+        tracker = _start_ray_and_tracking(cfg, pcfg, resumes, data.tokenizer_path, root)
         stop.rearm()
         with tracker.track() if tracker is not None else contextlib.nullcontext():
             _raise_if_stopped(stop)
@@ -477,7 +480,7 @@ def build_trainer(rc: RayConfig, loop_config: dict[str, Any]) -> Any:
 
 
 def _start_ray_and_tracking(
-    cfg: ExperimentConfig, pcfg: PlatformConfig, restart: bool, tokenizer: Path, root: Path
+    cfg: ExperimentConfig, pcfg: PlatformConfig, resume: bool, tokenizer: Path, root: Path
 ) -> RunTracker | None:
     """Open the MLflow run while Ray starts (each takes seconds); a run whose Ray never came up ends FAILED."""
     rc = pcfg.ray
@@ -489,7 +492,7 @@ def _start_ray_and_tracking(
     # MLflow side (import, schema check, params) is the part that moves to a thread.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlflow-start") as pool:
         opening = pool.submit(
-            start_run, cfg, pcfg, rc.run_dir, launcher="ray", resume=not restart, tokenizer_path=tokenizer,
+            start_run, cfg, pcfg, rc.run_dir, launcher="ray", resume=resume, tokenizer_path=tokenizer,
             record_dir=root,
         )  # fmt: skip
         try:

@@ -143,6 +143,30 @@ def test_device_maps_onto_ray_resources(make_config) -> None:
         make_config("ray.run_name=..")
 
 
+def test_a_retry_after_a_launch_that_never_checkpointed_is_a_new_mlflow_run(
+    make_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        FAIL_ENV, "3"
+    )  # fails before its first checkpoint (step 10), like a refused device would
+    cfg, pcfg = make_config("optim.lr=1e-3")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_training(cfg, pcfg)
+    monkeypatch.delenv(FAIL_ENV)
+    cfg, pcfg = make_config("optim.lr=2e-3")
+    outcome = run_training(cfg, pcfg)
+    client = mlflow_client(pcfg.tracking.uri)
+    runs = {
+        r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("itest").experiment_id])
+    }
+    assert len(runs) == 2 and runs[outcome.tracker.run_id].info.status == "FINISHED"
+    assert (
+        runs[outcome.tracker.run_id].data.params["optim.lr"] == "0.002"
+    )  # the settings it really trained with
+    (failed,) = [r for r in runs.values() if r.info.run_id != outcome.tracker.run_id]
+    assert failed.info.status == "FAILED" and failed.data.params["optim.lr"] == "0.001"
+
+
 def test_samples_and_loss_curve_are_readable(make_config, tmp_path: Path) -> None:
     cfg, pcfg = make_config("train.max_steps=6", "train.eval_interval=3", "train.checkpoint_interval=0")
     outcome = run_training(cfg, pcfg)

@@ -159,7 +159,7 @@ def test_track_ends_finished_killed_or_failed_never_running(make_config, tmp_pat
         pass
     tags = _run(resumed).data.tags
     assert resumed.run_id == broken.run_id and _run(resumed).info.status == "FINISHED"
-    assert not tags[FAILURE_TAG] and tags[NOTE_TAG].startswith("resumed after: ValueError")
+    assert FAILURE_TAG not in tags and tags[NOTE_TAG].startswith("resumed after: ValueError")
 
 
 def test_the_device_tag_is_only_the_device_the_loop_used(make_config, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from lm import cli as lm_cli
+from lm.checkpoint import CheckpointError
 from lm.config import ExperimentConfig
 from lm.data import prepare_data
 from lm.train import train
@@ -227,6 +228,11 @@ def resolve_checkpoint(args: argparse.Namespace) -> Path:
     ref = args.checkpoint
     is_run_id = _RUN_ID_PREFIX.fullmatch(ref) is not None and not Path(ref).expanduser().exists()
     if not (ref.startswith("models:/") or is_run_id):
+        if not Path(ref).expanduser().exists():
+            raise CheckpointError(
+                f"{ref} does not exist: pass a checkpoint directory (runs/tiny/best), a run directory (runs/tiny), "
+                "an MLflow run id (6 or more of its hex digits: `lm runs list`) or models:/NAME@ALIAS"
+            )
         return lm_cli.resolve_checkpoint(args)
     import atexit
     import shutil

@@ -273,3 +273,12 @@ def test_an_unreachable_ray_address_fails_at_once_and_creates_no_run(
     if Path(mlflow_store.removeprefix("sqlite:///")).exists():  # the store may not even have been created
         client = mlflow_client(mlflow_store)
         assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_a_reference_that_is_nothing_lists_every_kind_lm_eval_accepts(
+    mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "f7b2"]) == 2  # too short for a run id, and no such path
+    err = capsys.readouterr().err
+    assert "f7b2 does not exist" in err and "MLflow run id (6 or more" in err and "models:/NAME@ALIAS" in err

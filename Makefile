@@ -47,12 +47,14 @@ mlflow-ui: setup ## browse runs, metrics and artifacts at http://127.0.0.1:5000
 # `make job`: the cluster's Python needs lmlab's dependencies (a container image, or `pip install -e .` on each
 # node); the code itself travels with the job (working_dir for experiments/, py_modules for lm and lmplatform).
 # Runs and the MLflow store default to this checkout, which is right for a cluster on this machine; for a remote
-# one set JOB_STORAGE (e.g. s3://bucket/runs) and MLFLOW_TRACKING_URI (a tracking server).
+# one set JOB_STORAGE (e.g. s3://bucket/runs), MLFLOW_TRACKING_URI (a tracking server) and JOB_DATA (a token cache
+# directory every node can read; the default is this checkout's data/, not the job's temporary working directory).
 JOB_STORAGE ?= $(CURDIR)/runs
+JOB_DATA ?= $(CURDIR)/data
 JOB_TRACKING ?= $(if $(MLFLOW_TRACKING_URI),tracking.uri=$(MLFLOW_TRACKING_URI),tracking.uri=sqlite:///$(CURDIR)/mlflow.db tracking.artifact_location=$(CURDIR)/mlartifacts)
 job: setup ## submit `lm train EXP` to the Ray cluster at RAY_ADDRESS (ray job submit)
 	$(BIN)/ray job submit --working-dir . --runtime-env-json '{"py_modules": ["lm", "platform/lmplatform"]}' \
-		-- python -m lmplatform train $(EXP) ray.storage_path=$(JOB_STORAGE) $(JOB_TRACKING) $(ARGS)
+		-- python -m lmplatform train $(EXP) ray.storage_path=$(JOB_STORAGE) data.cache_dir=$(JOB_DATA) $(JOB_TRACKING) $(ARGS)
 
 bench: setup ## throughput, generation and MFU benchmarks (print a table, write bench/results/*.json)
 	$(BIN)/python -m bench.run $(ARGS)

@@ -744,3 +744,5 @@ def _worker_logging(local_mode: bool, rank: int) -> None:
             handler._lmlab = True  # type: ignore[attr-defined]
             logger.addHandler(handler)
         logger.propagate = False
+    # The driver prepared the data and said so; the worker only reopens the cache (its lines would repeat them).
+    logging.getLogger("lm.data").setLevel(logging.WARNING)

@@ -376,9 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the experiment in CONFIG; KEY=VALUE overrides are optional.",
     )
     _add_config_args(p)
-    p.add_argument("--out", help="run directory (train.out_dir)")
+    p.add_argument(
+        "--out", help="run directory (in-process: train.out_dir; on Ray: ray.storage_path/ray.run_name)"
+    )
     p.add_argument("--local", action="store_true", help="run in this process, without Ray")
-    p.add_argument("--restart", action="store_true", help="ignore checkpoints in the run directory")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start a new run: first delete this run directory's checkpoints, best/ and run.json",
+    )
     p.add_argument("--no-sample", action="store_true", help="skip the sample printed after training")
     p.set_defaults(handler=cmd_train)
 

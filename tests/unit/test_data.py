@@ -53,12 +53,13 @@ def cache_files(root: Path) -> dict[str, int]:
 def test_tinyshakespeare_keeps_the_standard_val_and_holds_dev_out_of_train(shakespeare_text: str) -> None:
     corpus = load_corpus("tinyshakespeare", 0.1)
     (train,), (dev,), (val,) = corpus.splits["train"], corpus.splits["dev"], corpus.splits["val"]
-    assert hashlib.md5((train + dev + val).encode("utf-8")).hexdigest() == "6fb458f1232090904fb40fe944165e91"
+    assert hashlib.md5((dev + train + val).encode("utf-8")).hexdigest() == "6fb458f1232090904fb40fe944165e91"
     assert len(train + dev + val) == 1_115_394
-    # val: the last 10% as before (int(1,115,394 * 0.9) = 1,003,854); dev: the 5% right before it.
+    # val: the last 10% as before (int(1,115,394 * 0.9) = 1,003,854); dev: the first 5%, so the text right before
+    # val (the start of val's play) is still trained on, as in nanoGPT's split.
     assert val == shakespeare_text[1_003_854:] and len(val) == 111_540
-    assert dev == shakespeare_text[948_085:1_003_854] and len(dev) == 55_769  # int(1,115,394 * 0.05)
-    assert train == shakespeare_text[:948_085]
+    assert dev == shakespeare_text[:55_769] and len(dev) == 55_769  # int(1,115,394 * 0.05)
+    assert train == shakespeare_text[55_769:1_003_854]
     assert set(corpus.splits) == {"train", "dev", "val"}
     assert corpus.num_bytes("val") == 111_540 and corpus.num_bytes("dev") == 55_769  # the text is ASCII
     assert corpus.names == {s: ["tinyshakespeare"] for s in ("train", "dev", "val")}
@@ -90,8 +91,8 @@ def test_local_file_is_split_by_position(corpus_file: Path, small_text: str) -> 
     assert (
         corpus.splits
         == {
-            "train": [small_text[:28_000]],
-            "dev": [small_text[28_000:30_000]],  # 5% of 40,000 right before val
+            "train": [small_text[2_000:30_000]],
+            "dev": [small_text[:2_000]],  # the first 5% of 40,000
             "val": [small_text[30_000:]],
         }
     )
@@ -109,16 +110,16 @@ def test_folder_holds_out_last_files_and_skips_hidden_and_other_files(tmp_path: 
     (folder / "empty.txt").write_text("", encoding="utf-8")
     corpus = load_corpus(str(folder), 0.4)
     # Sorted relative paths: a, b, d, e, sub/c (the empty file skipped); round(5 * 0.4) = 2 held out for val,
-    # max(1, round(5 * 0.05)) = 1 whole file before them for dev.
-    assert corpus.names == {"train": ["a.txt", "b.txt"], "dev": ["d.txt"], "val": ["e.txt", "sub/c.txt"]}
+    # max(1, round(5 * 0.05)) = 1 whole file, the first, for dev.
+    assert corpus.names == {"train": ["b.txt", "d.txt"], "dev": ["a.txt"], "val": ["e.txt", "sub/c.txt"]}
     assert corpus.splits["val"] == ["text of e.txt\n", "text of sub/c.txt\n"]
-    assert corpus.splits["dev"] == ["text of d.txt\n"]
+    assert corpus.splits["dev"] == ["text of a.txt\n"]
 
 
 def test_folder_always_keeps_one_file_in_each_split(tmp_path: Path) -> None:
     for name in ["a.txt", "b.txt", "c.txt"]:
         (tmp_path / name).write_text(name * 5, encoding="utf-8")
-    expected = {"train": ["a.txt"], "dev": ["b.txt"], "val": ["c.txt"]}
+    expected = {"train": ["b.txt"], "dev": ["a.txt"], "val": ["c.txt"]}
     assert load_corpus(str(tmp_path), 0.01, dev_fraction=0.01).names == expected
     assert load_corpus(str(tmp_path), 0.9, dev_fraction=0.09).names == expected
 
@@ -126,18 +127,18 @@ def test_folder_always_keeps_one_file_in_each_split(tmp_path: Path) -> None:
 def test_folder_with_fewer_than_three_files_is_split_by_position_across_them(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("0123456789", encoding="utf-8")
     (tmp_path / "b.txt").write_text("abcdefghij", encoding="utf-8")
-    corpus = load_corpus(str(tmp_path), 0.2, dev_fraction=0.3)  # 20 chars: train 10, dev 6, val 4
-    assert corpus.splits == {"train": ["0123456789"], "dev": ["abcdef"], "val": ["ghij"]}
-    assert corpus.names == {"train": ["a.txt"], "dev": ["b.txt"], "val": ["b.txt"]}
-    corpus = load_corpus(str(tmp_path), 0.2, dev_fraction=0.35)  # dev crosses the file boundary
-    assert corpus.splits["train"] == ["012345678"] and corpus.splits["dev"] == ["9", "abcdef"]
+    corpus = load_corpus(str(tmp_path), 0.2, dev_fraction=0.3)  # 20 chars: dev 6, train 10, val 4
+    assert corpus.splits == {"train": ["6789", "abcdef"], "dev": ["012345"], "val": ["ghij"]}
+    assert corpus.names == {"train": ["a.txt", "b.txt"], "dev": ["a.txt"], "val": ["b.txt"]}
+    corpus = load_corpus(str(tmp_path), 0.2, dev_fraction=0.55)  # dev crosses the file boundary
+    assert corpus.splits["dev"] == ["0123456789", "a"] and corpus.splits["train"] == ["bcdef"]
 
 
 def test_folder_with_one_file_is_split_by_position(tmp_path: Path) -> None:
     (tmp_path / "only.txt").write_text("0123456789", encoding="utf-8")
     assert load_corpus(str(tmp_path), 0.2, dev_fraction=0.1).splits == {
-        "train": ["0123456"],
-        "dev": ["7"],
+        "train": ["1234567"],
+        "dev": ["0"],
         "val": ["89"],
     }
 
@@ -380,10 +381,10 @@ def test_prepare_data_builds_manifest_and_memmaps(tmp_path: Path, corpus_file: P
     assert (m["splits"]["dev"]["documents"], m["splits"]["val"]["documents"]) == (
         ["shakespeare-40k.txt"],
     ) * 2
-    dev_cut, val_cut = 34_000, 36_000  # 85% / 90% of 40,000 characters
+    dev_cut, val_cut = 2_000, 36_000  # the first 5% / the last 10% of 40,000 characters
     splits = [
-        ("train", small_text[:dev_cut]),
-        ("dev", small_text[dev_cut:val_cut]),
+        ("train", small_text[dev_cut:val_cut]),
+        ("dev", small_text[:dev_cut]),
         ("val", small_text[val_cut:]),
     ]
     for split, text in splits:
@@ -400,8 +401,8 @@ def test_prepare_data_builds_manifest_and_memmaps(tmp_path: Path, corpus_file: P
 
 def test_tokenizer_is_trained_on_train_split_only(tmp_path: Path) -> None:
     # Dev and val hold a word the train split never contains: a tokenizer that saw it would merge it.
-    # 12,000 characters: val the last 1,200, dev the 600 before them, train the first 10,200.
-    (tmp_path / "c.txt").write_text("ab " * 3_400 + "zq" * 900, encoding="utf-8")
+    # 12,000 characters: dev the first 600, val the last 1,200, train the 10,200 between.
+    (tmp_path / "c.txt").write_text("zq" * 300 + "ab " * 3_400 + "zq" * 600, encoding="utf-8")
     data = prepare_data(make_cfg(tmp_path / "c.txt", tmp_path / "cache"), progress=False)
     assert data.text("val") == "zq" * 600 and data.text("dev") == "zq" * 300
     assert len(data.tokens("train")) == 3_401  # "ab", 3,399 x " ab", " ": merged
@@ -430,7 +431,7 @@ def test_cache_is_rebuilt_when_text_or_vocab_changes(tmp_path: Path, small_text:
     path.write_text(small_text[20_000:], encoding="utf-8")
     changed = prepare_data(make_cfg(path, tmp_path / "cache"), progress=False)
     assert changed.root != first.root
-    assert changed.text("train") == small_text[20_000:][: int(20_000 * 0.85)]
+    assert changed.text("train") == small_text[20_000:][int(20_000 * 0.05) : int(20_000 * 0.9)]
     wider_dev = prepare_data(make_cfg(path, tmp_path / "cache", "data.dev_fraction=0.1"), progress=False)
     assert wider_dev.root != changed.root and wider_dev.text("val") == changed.text("val")
     bigger = prepare_data(make_cfg(path, tmp_path / "cache", "model.vocab_size=320"), progress=False)
@@ -474,8 +475,8 @@ def test_folder_corpus_separates_documents_with_eos(tmp_path: Path) -> None:
     for i, doc in enumerate(docs):
         (folder / f"{i:02d}.txt").write_text(doc, encoding="utf-8")
     data = prepare_data(make_cfg(folder, tmp_path / "cache", "data.val_fraction=0.2"), progress=False)
-    assert data.manifest["splits"]["dev"]["documents"] == ["03.txt"]
-    assert data.tokens("dev").tolist() == data.tokenizer.encode(docs[3])
+    assert data.manifest["splits"]["dev"]["documents"] == ["00.txt"]
+    assert data.tokens("dev").tolist() == data.tokenizer.encode(docs[0])
     eos = data.tokenizer.eos_id
     tokens = data.tokens("train").tolist()
     pieces, current = [], []
@@ -486,9 +487,9 @@ def test_folder_corpus_separates_documents_with_eos(tmp_path: Path) -> None:
         else:
             current.append(t)
     pieces.append(current)
-    assert [data.tokenizer.decode(p) for p in pieces] == docs[:3]
-    assert data.text("train") == EOS_TOKEN.join(docs[:3])
-    assert data.num_bytes("train") == sum(len(d.encode("utf-8")) for d in docs[:3])  # separators are not text
+    assert [data.tokenizer.decode(p) for p in pieces] == docs[1:4]
+    assert data.text("train") == EOS_TOKEN.join(docs[1:4])
+    assert data.num_bytes("train") == sum(len(d.encode("utf-8")) for d in docs[1:4])  # separators are not text
     assert data.tokens("val").tolist() == data.tokenizer.encode(docs[4])
     assert data.manifest["splits"]["val"]["documents"] == ["04.txt"]
 

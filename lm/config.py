@@ -145,7 +145,7 @@ class DataConfig(Section):
     corpus: str = field(default="tinyshakespeare", metadata={"corpus": True})
     cache_dir: str = field(default="data", metadata={"path": True})
     val_fraction: float = 0.1  # the reported split: the end of the text (the standard tiny-shakespeare val)
-    dev_fraction: float = 0.05  # the tuning split: the end of the training text, right before val
+    dev_fraction: float = 0.05  # the tuning split, held out of the training text (from its start)
 
     def validate(self) -> None:
         check(bool(self.corpus), "data.corpus", self.corpus, f"a file, a folder or one of {BUILTIN_CORPORA}")

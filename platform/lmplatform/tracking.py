@@ -458,7 +458,7 @@ class RunTracker:
         )  # fmt: skip
         log.info("registered %s version %s from %s", name, version.version, artifact_path)
         _, self.alias_note = update_best_alias(self.client, name)
-        log.info("%s", self.alias_note)
+        log.debug("%s", self.alias_note)  # the launcher prints it in its summary
         return str(version.version)
 
 

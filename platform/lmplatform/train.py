@@ -624,7 +624,7 @@ class RayHooks(Hooks):
         if self.time_to_first_step is None and self.started_at is not None:
             self.time_to_first_step = time.time() - self.started_at
             if self.rank == 0:
-                log.info("first training step %.1fs after the command started", self.time_to_first_step)
+                log.debug("first training step %.1fs after the command started", self.time_to_first_step)
         return self.rank == 0 and self.stop is not None and self.stop()
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:

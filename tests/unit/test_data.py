@@ -489,7 +489,9 @@ def test_folder_corpus_separates_documents_with_eos(tmp_path: Path) -> None:
     pieces.append(current)
     assert [data.tokenizer.decode(p) for p in pieces] == docs[1:4]
     assert data.text("train") == EOS_TOKEN.join(docs[1:4])
-    assert data.num_bytes("train") == sum(len(d.encode("utf-8")) for d in docs[1:4])  # separators are not text
+    assert data.num_bytes("train") == sum(
+        len(d.encode("utf-8")) for d in docs[1:4]
+    )  # separators are not text
     assert data.tokens("val").tolist() == data.tokenizer.encode(docs[4])
     assert data.manifest["splits"]["val"]["documents"] == ["04.txt"]
 

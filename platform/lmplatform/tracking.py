@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -46,6 +47,7 @@ RUN_ID_FIELD = "mlflow_run_id"  # the run.json field that identifies a run direc
 STEP_TAG = "lmlab.step"  # the final step, so listings need no metric history
 DEVICE_TAG = "lmlab.device"  # only from RunTracker.set_device: the device the loop used
 FAILURE_TAG = "lmlab.failure"
+DEV_SPLIT_TAG = "lmlab.dev_split"  # which dev text a version was scored on: only equal ones compete
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
 FINAL_CHECKPOINT_TAG = "lmlab.final_checkpoint"  # local paths the launcher handed to finish()
 BEST_CHECKPOINT_TAG = "lmlab.best_checkpoint"
@@ -451,7 +453,11 @@ class RunTracker:
                     name, description=f"Best checkpoints of lmlab experiment {self.experiment!r}"
                 )
         tags = {k: str(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        tags |= {WEIGHTS_SHA_TAG: sha, "lmlab.artifact_path": artifact_path}
+        tags |= {
+            WEIGHTS_SHA_TAG: sha,
+            "lmlab.artifact_path": artifact_path,
+            DEV_SPLIT_TAG: dev_split_id(best),
+        }
         version = self.client.create_model_version(
             name, source=f"{self.artifact_uri}/{artifact_path}", run_id=self.run_id, tags=tags,
             description=f"{describe_metrics(metrics)} (run {self.run_id})",
@@ -460,6 +466,16 @@ class RunTracker:
         _, self.alias_note = update_best_alias(self.client, name)
         log.debug("%s", self.alias_note)  # the launcher prints it in its summary
         return str(version.version)
+
+
+def dev_split_id(checkpoint: Path) -> str:
+    """Which dev text a checkpoint was scored on (corpus and split fractions from its own config): dev bits/byte
+    compare across tokenizers, not across dev texts."""
+    from lm.config import load_config
+
+    data = load_config(checkpoint / CONFIG, follow_extends=False).data
+    key = f"{data.corpus}|dev={data.dev_fraction}|val={data.val_fraction}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def describe_metrics(metrics: Mapping[str, Any]) -> str:
@@ -493,7 +509,19 @@ def update_best_alias(client: MlflowClient, name: str) -> tuple[str | None, str]
     holder = None
     with contextlib.suppress(MlflowException):
         holder = str(client.get_model_version_by_alias(name, BEST_ALIAS).version)
-    scored = {k: s for k, v in versions.items() if (s := bpb(v)) is not None}
+
+    # Only versions scored on the newest one's dev text compete (another corpus or dev_fraction is other text).
+    def dev_split(key: str | None) -> str | None:
+        version = versions.get(key) if key is not None else None
+        return (version.tags or {}).get(DEV_SPLIT_TAG) if version is not None else None
+
+    split = dev_split(max(versions, key=int)) if versions else None
+    other_split = holder is not None and dev_split(holder) != split
+    scored = {
+        k: s
+        for k, v in versions.items()
+        if (s := bpb(v)) is not None and (v.tags or {}).get(DEV_SPLIT_TAG) == split
+    }
     if not scored:
         return holder, f"alias {BEST_ALIAS} unchanged (version {holder}): no version has dev bits/byte"
     winner = min(scored, key=lambda k: (scored[k], k != holder, int(k)))  # a tie keeps the holder
@@ -509,6 +537,11 @@ def update_best_alias(client: MlflowClient, name: str) -> tuple[str | None, str]
     client.set_registered_model_alias(name, BEST_ALIAS, winner)
     if holder is None:
         why = f"dev bits/byte {scored[winner]:.4f}, the first version to hold the alias"
+    elif other_split:
+        why = (
+            f"dev bits/byte {scored[winner]:.4f}; version {holder} was scored on other dev text (another corpus "
+            "or dev_fraction), so it does not compete"
+        )
     elif holder in scored:
         why = f"dev bits/byte {scored[winner]:.4f} < {scored[holder]:.4f} of version {holder}"
     else:

@@ -353,6 +353,14 @@ def preflight(
     would start from (None: a fresh start). Launchers call it before their first tracking write.
     """
     out_dir = Path(out_dir if out_dir is not None else cfg.train.out_dir)
+    checked = _checked_resume(cfg, out_dir, resume, data)
+    return checked[0].path if checked is not None else None
+
+
+def _checked_resume(
+    cfg: ExperimentConfig, out_dir: Path, resume: bool | str | Path, data: PreparedData | None
+) -> tuple[Checkpoint, dict[str, Any]] | None:
+    """:func:`preflight`'s checks; returns the loaded checkpoint and trainer state, so a resume reads them once."""
     path = _resume_path(CheckpointManager(out_dir), resume)
     if path is None:
         return None
@@ -363,7 +371,7 @@ def preflight(
         raise TrainError(f"cannot resume from {path}: it holds weights only (no trainer.pt)")
     progress = budget_progress(cfg.train, trainer["step"], trainer["tokens"], trainer["elapsed"])
     if progress >= 1.0:
-        metrics = read_metrics(path)
+        metrics = ckpt.metrics
         ppl = metrics.get("val_ppl", metrics.get("dev_ppl"))
         what = "val" if "val_ppl" in metrics else "dev"
         score = f" ({what} perplexity {ppl:.2f})" if ppl is not None else ""
@@ -372,7 +380,7 @@ def preflight(
             f"({_describe_budget(cfg.train)}) is used up, so there is nothing to train",
             trainer["step"], metrics, path,
         )  # fmt: skip
-    return path
+    return ckpt, trainer
 
 
 def _setup(
@@ -392,7 +400,8 @@ def _setup(
     data = data or prepare_data(cfg, progress=dist.is_main)
     if resume is True and dist.is_main:
         CheckpointManager(out_dir).recover()  # a kill while `best` was replaced: put the old one back
-    resumed_from = preflight(cfg, out_dir, resume, data)  # nothing written before everything is checked
+    checked = _checked_resume(cfg, out_dir, resume, data)  # nothing written before everything is checked
+    resumed_from = checked[0].path if checked is not None else None
 
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = TransformerLM(cfg.model).to(device)
@@ -405,7 +414,9 @@ def _setup(
     state = _State()
     record = read_run_record(out_dir)
     if resumed_from is not None:
-        ckpt, trainer = _restore(resumed_from, model, optimizer, scaler, sampler, state, cfg, dist)
+        assert checked is not None
+        ckpt, trainer = checked
+        _restore(ckpt, trainer, model, optimizer, scaler, sampler, state, cfg, dist)
         run_id = trainer.get("run_id") or ckpt.metrics.get("run_id") or uuid.uuid4().hex
         _warn_changed(resumed_from, record.get("started_config") or to_dict(ckpt.config), cfg)
         _rebase_schedule(trainer.get("budget"), state, cfg)
@@ -759,7 +770,8 @@ def _check_compatible(
 
 
 def _restore(
-    path: Path,
+    ckpt: Checkpoint,
+    trainer: dict[str, Any],
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
@@ -767,12 +779,9 @@ def _restore(
     state: _State,
     cfg: ExperimentConfig,
     dist: DistributedContext,
-) -> tuple[Checkpoint, dict[str, Any]]:
-    """Load weights, optimizer, sampler, counters and this rank's RNG; returns the checkpoint and its state."""
-    ckpt = load_checkpoint(path)
-    load_weights_into(model, ckpt.weights, path)
-    trainer = ckpt.trainer_state()
-    assert trainer is not None  # preflight checked
+) -> None:
+    """Load weights, optimizer, sampler, counters and this rank's RNG from a checked checkpoint."""
+    load_weights_into(model, ckpt.weights, ckpt.path)
     optimizer.load_state_dict(trainer["optimizer"])
     scaler.load_state_dict(trainer["scaler"])
     sampler.load_state_dict(trainer["sampler"])
@@ -781,9 +790,8 @@ def _restore(
     state.decay_from_lr = trainer.get("decay_from_lr")
     state.lr = trainer.get("lr", 0.0)
     rng = trainer["rng"]
-    if isinstance(
-        rng, list
-    ):  # one per rank; a different world size keeps rank 0's stream and reseeds the rest
+    # One stream per rank; a different world size keeps rank 0's stream and reseeds the others.
+    if isinstance(rng, list):
         if dist.rank < len(rng) and len(rng) == dist.world_size:
             restore_rng_state(rng[dist.rank])
         else:
@@ -792,7 +800,6 @@ def _restore(
                 seed_everything(cfg.train.seed + dist.rank + state.step)
     else:  # checkpoints written before per-rank RNG
         restore_rng_state(rng)
-    return ckpt, trainer
 
 
 def _rebase_schedule(budget: dict[str, Any] | None, state: _State, cfg: ExperimentConfig) -> None:

@@ -26,8 +26,8 @@ from lm.config import (
     resolve_paths,
 )
 
-# Sections this module builds; the rest of PLATFORM_SECTIONS belong to later issues.
-_BUILT_SECTIONS = ("ray", "tracking")
+# Sections this module builds; ``search:`` is a mapping of dotted keys to spaces that lmplatform.tune reads.
+_BUILT_SECTIONS = ("ray", "tracking", "tune", "serve")
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,35 @@ class TrackingConfig(Section):
 
 
 @dataclass(frozen=True)
+class TuneConfig(Section):
+    """Ray Tune sweeps: how many trials, how many at once, the per-trial budget and the ASHA scheduler."""
+
+    section: ClassVar[str] = "tune"
+    # TUNE-FIELDS (lmplatform.tune owns this class)
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ServeConfig(Section):
+    """Ray Serve: host, port, replicas, threads, batching mode and request limits."""
+
+    section: ClassVar[str] = "serve"
+    # SERVE-FIELDS (lmplatform.serve owns this class)
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
 class PlatformConfig:
     """The platform sections of one experiment YAML."""
 
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def find_repo_root(start: Path | None = None) -> Path:
@@ -142,7 +166,7 @@ def resolve_platform(pcfg: PlatformConfig, cfg: ExperimentConfig, base: Path) ->
     elif artifacts is not None and "://" not in artifacts:
         artifacts = (base / Path(artifacts).expanduser()).resolve().as_uri()
     tr = dataclasses.replace(tr, uri=uri, artifact_location=artifacts, experiment=tr.experiment or cfg.name)
-    return PlatformConfig(ray=ray, tracking=tr)
+    return dataclasses.replace(pcfg, ray=ray, tracking=tr)
 
 
 def _ray_device(ray: RayConfig, device: str) -> RayConfig:

@@ -127,14 +127,6 @@ def test_unknown_section_lists_every_allowed_one_including_lmplatforms(tmp_path:
         assert f" {section}" in message.split("allowed:", 1)[1]
 
 
-@pytest.mark.parametrize(("section", "issue"), [("tune", 11), ("serve", 12)])
-def test_sections_of_open_issues_are_refused_not_ignored(tmp_path: Path, section: str, issue: int) -> None:
-    with pytest.raises(ConfigError, match=rf"section '{section}' is not supported yet: issue #{issue}"):
-        load_config(write(tmp_path / "x.yaml", f"{section}:\n  replicas: 1\n"))
-    with pytest.raises(ConfigError, match="not supported yet"):
-        load_config(None, [f"{section}.num_samples=4"])
-
-
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "-x", ".hidden", "a b", "x" * 101, "é"])
 def test_experiment_name_must_be_a_safe_directory_name(name: str) -> None:
     with pytest.raises(ConfigError, match=r"^name=.* is not allowed: 1-100 characters"):

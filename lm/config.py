@@ -171,7 +171,10 @@ class OptimConfig(Section):
     beta2: float = 0.95
     eps: float = 1e-8
     warmup_steps: int = 50
-    schedule: str = field(default="cosine", metadata=_choices("cosine", "linear", "constant"))
+    # After warmup: cosine or linear decay to min_lr over the budget, constant at lr, or wsd (warmup-stable-decay:
+    # lr until the last decay_fraction of the budget, then linear to min_lr).
+    schedule: str = field(default="cosine", metadata=_choices("cosine", "linear", "constant", "wsd"))
+    decay_fraction: float = 0.2  # wsd only: the final fraction of the budget that decays
     grad_clip: float | None = 1.0
     decay_embeddings: bool = False
 
@@ -182,6 +185,12 @@ class OptimConfig(Section):
         )
         check(self.weight_decay >= 0.0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        check(
+            0.0 < self.decay_fraction <= 1.0,
+            "optim.decay_fraction",
+            self.decay_fraction,
+            "must be in (0, 1] (the final fraction of the budget over which wsd decays to optim.min_lr)",
+        )
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             check(0.0 <= value < 1.0, f"optim.{name}", value, "must be in [0, 1)")

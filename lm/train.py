@@ -6,8 +6,9 @@ and :class:`Hooks` (where metrics and checkpoints go, when to stop). The loop it
 
 Per optimizer step: ``grad_accum_steps`` micro-batches (``no_sync`` on all but the last under DDP), loss
 scaled by 1/accum, gradients unscaled (fp16) and clipped by global norm, AdamW step, then the LR for the next
-step from warmup + cosine/linear decay over the run's progress. Progress is the furthest of the configured
-budgets (steps, tokens, wall-clock seconds), so a 120-second run decays its LR to ``min_lr`` exactly at 120 s.
+step from warmup + cosine/linear/constant/warmup-stable-decay over the run's progress. Progress is the furthest
+of the configured budgets (steps, tokens, wall-clock seconds), so a 120-second run decays its LR to ``min_lr``
+exactly at 120 s.
 
 The run in phases: :func:`_setup` (validate, resume or start clean, build model/optimizer/data), then per step
 :func:`_train_step`, :func:`_evaluate_and_checkpoint` at the intervals, and :func:`_finish` (final evaluation on
@@ -241,15 +242,21 @@ def lr_at(
     which the decay starts from ``start_lr`` (default ``optim.lr``: the end of warmup). With a step budget this
     is the textbook schedule: ``min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * (step - warmup) / (max_steps -
     warmup)))``. A budget changed on resume moves the start to where the run was, so the LR never jumps back up.
+    ``wsd`` holds the LR until progress ``1 - decay_fraction`` (or the decay start, if later), then decays
+    linearly to ``min_lr``: a longer budget given on resume extends the stable phase.
     """
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
     if optim.schedule == "constant":
         return optim.lr
     top = optim.lr if start_lr is None else start_lr
+    if optim.schedule == "wsd":
+        warmup_progress = max(warmup_progress, 1.0 - optim.decay_fraction)
+        if progress < warmup_progress:
+            return top
     span = max(1.0 - warmup_progress, 1e-12)
     q = min(max((progress - warmup_progress) / span, 0.0), 1.0)
-    if optim.schedule == "linear":
+    if optim.schedule in ("linear", "wsd"):
         return top - (top - optim.min_lr) * q
     return optim.min_lr + (top - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * q))
 
@@ -814,10 +821,15 @@ def _rebase_schedule(budget: dict[str, Any] | None, state: _State, cfg: Experime
         return
     progress = budget_progress(cfg.train, state.step, state.tokens, state.elapsed)
     state.warmup_progress, state.decay_from_lr = progress, state.lr or cfg.optim.min_lr
+    optim = cfg.optim
+    how = {
+        "constant": "stays at optim.lr (constant schedule)",
+        "wsd": f"holds it until the last {optim.decay_fraction:g} of the new budget, then decays to "
+        f"optim.min_lr={optim.min_lr:.2e}",
+    }.get(optim.schedule, f"decays to optim.min_lr={optim.min_lr:.2e} over the rest of the new budget")
     log.warning(
-        "the budget changed on resume (%s -> %s): the learning rate continues from %.2e and decays to "
-        "optim.min_lr=%.2e over the rest of the new budget (no new warm-up)",
-        _describe_budget_dict(budget), _describe_budget(cfg.train), state.decay_from_lr, cfg.optim.min_lr,
+        "the budget changed on resume (%s -> %s): the learning rate continues from %.2e and %s (no new warm-up)",
+        _describe_budget_dict(budget), _describe_budget(cfg.train), state.decay_from_lr, how,
     )  # fmt: skip
 
 

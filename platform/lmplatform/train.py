@@ -294,12 +294,17 @@ def run_training(
     restart: bool = False,
     started_at: float | None = None,
     stop: StopRequest | None = None,
+    mlflow_run_id: str | None = None,
+    report: Any = None,
 ) -> RayTrainOutcome:
     """Train ``cfg`` on Ray Train as ``pcfg.ray`` says, tracked in MLflow unless ``tracking.enabled`` is false.
 
     ``restart`` deletes everything of the previous run first; otherwise a run with checkpoints is continued, and
     a finished one is refused (``lm.train.RunFinishedError``) before anything is written. ``stop`` (set from the
     driver's signal handlers) makes the workers stop at the next step boundary and checkpoint there.
+    A sweep's trial (lmplatform.tune) passes ``mlflow_run_id``, its child run found by its trial tag, which is
+    reopened whatever run.json records, and ``report``, called as ``report(step, dev_metrics)`` on rank 0 after
+    every dev evaluation (it forwards them to Ray Tune).
     """
     started_at = started_at if started_at is not None else time.time()
     stop = stop or StopRequest()
@@ -322,7 +327,7 @@ def run_training(
                 if latest is not None:
                     preflight(cfg, root, resume=latest, data=data)
         _raise_if_stopped(stop)
-        tracker = _start_ray_and_tracking(cfg, pcfg, resumes, data.tokenizer_path, root)
+        tracker = _start_ray_and_tracking(cfg, pcfg, resumes, data.tokenizer_path, root, mlflow_run_id)
         stop.rearm()
         with tracker.track() if tracker is not None else contextlib.nullcontext():
             _raise_if_stopped(stop)
@@ -337,6 +342,7 @@ def run_training(
                 "record_dir": str(root) if rc.is_local_storage else None,
                 "started_at": started_at,
                 "stop": None if rc.num_workers == 0 else stop.worker_handle(),
+                "report": report,
             }
             try:
                 result = _fit(build_trainer(rc, loop_config))
@@ -480,7 +486,12 @@ def build_trainer(rc: RayConfig, loop_config: dict[str, Any]) -> Any:
 
 
 def _start_ray_and_tracking(
-    cfg: ExperimentConfig, pcfg: PlatformConfig, resume: bool, tokenizer: Path, root: Path
+    cfg: ExperimentConfig,
+    pcfg: PlatformConfig,
+    resume: bool,
+    tokenizer: Path,
+    root: Path,
+    mlflow_run_id: str | None = None,
 ) -> RunTracker | None:
     """Open the MLflow run while Ray starts (each takes seconds); a run whose Ray never came up ends FAILED."""
     rc = pcfg.ray
@@ -493,7 +504,7 @@ def _start_ray_and_tracking(
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlflow-start") as pool:
         opening = pool.submit(
             start_run, cfg, pcfg, rc.run_dir, launcher="ray", resume=resume, tokenizer_path=tokenizer,
-            record_dir=root,
+            record_dir=root, run_id=mlflow_run_id,
         )  # fmt: skip
         try:
             if rc.num_workers > 0:  # local mode runs in this process and needs no cluster (saves seconds)
@@ -603,8 +614,10 @@ class RayHooks(Hooks):
         started_at: float | None = None,
         report_checkpoints: bool = False,
         stop: _StopPoller | None = None,
+        report: Any = None,
     ) -> None:
         self.rank = rank
+        self.report = report  # a sweep trial's reporter (rank 0 only): dev metrics to Ray Tune
         self.tracking = tracking
         self.fail_at_step = fail_at_step
         self.fail_marker = fail_marker
@@ -634,9 +647,11 @@ class RayHooks(Hooks):
             self.tracking.on_log(step, metrics)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """Send dev (and, at the end, val) metrics to MLflow."""
+        """Send dev (and, at the end, val) metrics to MLflow, and to Ray Tune in a sweep."""
         if self.tracking is not None:
             self.tracking.on_eval(step, metrics)
+        if self.report is not None and self.rank == 0:
+            self.report(step, metrics)
 
     def on_checkpoint(self, step: int, metrics: dict[str, float], path: Path | None) -> None:
         """Remote storage: report on every rank (Ray waits for all); rank 0 hands over the directory."""
@@ -686,6 +701,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         started_at=config["started_at"],
         report_checkpoints=config["report_checkpoints"],
         stop=_StopPoller(config["stop"]),
+        report=config.get("report"),
     )
     # The driver holds the run lock and handles the signals for the whole run.
     options: dict[str, Any] = {"hooks": hooks, "dist": dist, "lock": False, "handle_signals": False}

@@ -202,13 +202,15 @@ class RunTracker:
         resume: bool = True,
         tokenizer_path: Path | None = None,
         record_dir: str | Path | None = None,
+        run_id: str | None = None,
     ) -> RunTracker:
         """Open a new run, or with ``resume`` reopen the one ``record_dir``'s run.json names; log the config.
 
         ``record_dir`` defaults to ``run_dir`` when that is a local directory. A run is reopened only through
         the ``mlflow_run_id`` recorded there (never by matching the ``lmlab.run_dir`` tag, which is for
         display): no record, ``resume=False`` (--restart), or a recorded run the store no longer has in this
-        experiment all start a new MLflow run, whose id is then recorded. Any failure after the run exists
+        experiment all start a new MLflow run, whose id is then recorded. ``run_id`` (a sweep's child run, found
+        by its trial tag) is reopened instead, whatever the record says. Any failure after the run exists
         ends it FAILED with the reason.
         """
         tc = pcfg.tracking
@@ -218,7 +220,10 @@ class RunTracker:
             record = Path(run_dir)
         client = mlflow_client(tc.uri)
         experiment_id = _experiment_id(client, tc.experiment, tc.artifact_location)
-        previous = _recorded_run(client, experiment_id, record) if resume and record is not None else None
+        if run_id is not None:
+            previous = client.get_run(run_id)
+        else:
+            previous = _recorded_run(client, experiment_id, record) if resume and record is not None else None
         if previous is not None:
             client.update_run(previous.info.run_id, status="RUNNING")
             run_id = previous.info.run_id
@@ -558,6 +563,7 @@ def start_run(
     resume: bool = True,
     tokenizer_path: Path | None = None,
     record_dir: str | Path | None = None,
+    run_id: str | None = None,
 ) -> RunTracker | None:
     """:meth:`RunTracker.start`, or None when ``tracking.enabled`` is false."""
     if not pcfg.tracking.enabled:
@@ -570,6 +576,7 @@ def start_run(
         resume=resume,
         tokenizer_path=tokenizer_path,
         record_dir=record_dir,
+        run_id=run_id,
     )
 
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from pathlib import Path
 
 from lm import cli as lm_cli
-from lm.checkpoint import CheckpointError
 from lm.config import ExperimentConfig
 from lm.data import prepare_data
 from lm.train import train
@@ -215,34 +213,24 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-# An MLflow run id is 32 hex digits; `lm eval` accepts a unique prefix of one, like `lm runs show`.
-_RUN_ID_PREFIX = re.compile(r"[0-9a-f]{6,32}")
-
-
 def resolve_checkpoint(args: argparse.Namespace) -> Path:
     """lm's checkpoint and run directories, plus MLflow references (downloaded into a local cache).
 
     ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` from the registry, or a run id (or a unique prefix of one)
     that is not also a path here.
     """
+    from lmplatform.models import is_mlflow_ref, resolve_model  # one resolution for eval, generate and serve
+
     ref = args.checkpoint
-    is_run_id = _RUN_ID_PREFIX.fullmatch(ref) is not None and not Path(ref).expanduser().exists()
-    if not (ref.startswith("models:/") or is_run_id):
-        if not Path(ref).expanduser().exists():
-            raise CheckpointError(
-                f"{ref} does not exist: pass a checkpoint directory (runs/tiny/best), a run directory (runs/tiny), "
-                "an MLflow run id (6 or more of its hex digits: `lm runs list`) or models:/NAME@ALIAS"
-            )
-        return lm_cli.resolve_checkpoint(args)
+    if not is_mlflow_ref(ref):
+        return resolve_model(ref, "").checkpoint
     import atexit
     import shutil
     import tempfile
 
-    from lmplatform.tracking import download_checkpoint
-
     dest = Path(tempfile.mkdtemp(prefix="lmlab-model-"))
     atexit.register(shutil.rmtree, dest, ignore_errors=True)  # a copy for this command only
-    path = download_checkpoint(_tracking_uri(args), ref, dest)
+    path = resolve_model(ref, _tracking_uri(args), dest).checkpoint
     print(f"{ref}: using checkpoint {path}", file=sys.stderr)
     return path
 

@@ -782,30 +782,12 @@ def download_checkpoint(uri: str, ref: str, dest: Path | None = None) -> Path:
     """Download the weights-only checkpoint ``ref`` names from the store at ``uri``; return its directory.
 
     ``ref`` is an MLflow run id or a unique prefix of one (its best checkpoint), ``models:/name@alias`` or
-    ``models:/name/version``. ``dest`` (default: a new temp dir) receives a folder named after the artifact.
+    ``models:/name/version``. ``dest`` (default: a new temp dir) receives a folder named after the artifact;
+    for a version logged as an MLflow Model (pyfunc), the checkpoint inside it is returned.
     """
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
+    from lmplatform.models import download_model  # resolution lives there, shared with Serve
 
-    client = _existing_store(uri)
-    if ref.startswith("models:/"):
-        version = _model_version(client, ref)
-        where = {"artifact_uri": version.source}
-        what = f"{ref} (version {version.version} of run {version.run_id})"
-    else:
-        run = _find_run(client, ref)
-        path = _best_artifact(client, run)
-        where = {"run_id": run.info.run_id, "artifact_path": path}
-        what = f"run {run.info.run_id} ({path})"
-    dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="lmlab-model-"))
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(**where, dst_path=str(dest), tracking_uri=uri))
-    except (MlflowException, OSError) as exc:
-        raise TrackingError(f"{what}: cannot download its checkpoint: {_one_line(str(exc))}") from exc
-    if not (local / WEIGHTS).is_file():
-        raise TrackingError(f"{what}: {local} holds no {WEIGHTS}; is it an lmlab checkpoint?")
-    log.info("downloaded %s to %s", what, local)
-    return local
+    return download_model(ref, uri, dest).checkpoint
 
 
 def _model_version(client: MlflowClient, ref: str) -> Any:

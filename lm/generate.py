@@ -45,6 +45,22 @@ def sample_next(
     x = _stable_logits(logits)  # (B, V), max 0
     if temperature == 0.0:
         return x.argmax(dim=-1)
+    probs = _filtered(x, temperature, top_k, top_p).softmax(dim=-1)  # the 0-logit token survives: sums to 1
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def filter_logits(
+    logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
+    """float32 logits (B, V) divided by temperature (> 0), with what top-k and top-p drop set to -inf: the
+    distribution ``sample_next`` draws from, as logits (row maximum 0, so softmax is safe)."""
+    _check_sampling(temperature, top_k, top_p)
+    if temperature == 0.0:
+        raise ValueError("filter_logits needs temperature > 0; temperature 0 is greedy (argmax)")
+    return _filtered(_stable_logits(logits), temperature, top_k, top_p)
+
+
+def _filtered(x: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
     x = x / temperature  # the maximum stays 0, so no overflow even for tiny temperatures
     V = x.size(-1)
     if top_k is not None and top_k < V:
@@ -56,8 +72,7 @@ def sample_next(
         drop_sorted = mass_before >= top_p  # the top token has mass_before 0 < top_p: always kept
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         x = x.masked_fill(drop, float("-inf"))
-    probs = x.softmax(dim=-1)  # the 0-logit token survives every filter, so each row sums to 1
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return x
 
 
 @contextlib.contextmanager
@@ -168,6 +183,100 @@ def generate(
     if not steps:
         return idx.clone()
     return torch.cat([idx, torch.stack(steps, dim=1)], dim=1)  # (B, T0) + (B, n) -> (B, T0 + n)
+
+
+class BatchDecoder:
+    """Decode up to ``max_rows`` sequences together, each at its own position; rows join and leave at any step.
+
+    Rows are handles (ints) that stay valid until ``release``; inside, live rows are kept contiguous in a
+    ``RowKVCache`` (a released row's slot takes the last live row), so a step is one forward over a view.
+    Past block_size (windowing): when a row's cache is full, its last ``block_size // 2 - 1`` tokens are
+    re-prefilled at positions 0.. and the new token follows them, so the model always sees at least
+    block_size / 2 tokens and at most block_size; the re-prefill (about block_size / 2 tokens once every
+    block_size / 2 steps) costs about one extra token per generated token, never a whole window per token.
+    The model should be in eval mode (dropout would make rows random); forwards run under inference_mode.
+    """
+
+    def __init__(self, model: TransformerLM, max_rows: int, device: torch.device | str | None = None) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows={max_rows!r} is not allowed: must be >= 1")
+        self.model = model
+        self.max_rows = max_rows
+        self.block_size = model.cfg.block_size
+        self.device = model.tok_emb.weight.device if device is None else torch.device(device)
+        self.cache = model.new_row_cache(max_rows, device=self.device)
+        self._order: list[int] = []  # handle of each live row, in cache-row order
+        self._context: dict[int, list[int]] = {}  # handle -> the tokens in its cache (<= block_size)
+        self._free = list(range(max_rows - 1, -1, -1))  # unused handles, smallest last (popped first)
+        self.forward_calls = 0
+        self.prefill_tokens = 0  # tokens run through the model outside one-token decode steps
+        self.decode_tokens = 0
+        self.windowed = 0  # how many times a full row was re-prefilled from its last tokens
+
+    @property
+    def live(self) -> list[int]:
+        """Handles of the live rows, in the order ``step`` returns their logits."""
+        return list(self._order)
+
+    def free_rows(self) -> int:
+        """How many more rows ``admit`` can take."""
+        return self.max_rows - len(self._order)
+
+    def admit(self, prompt: list[int]) -> tuple[int, Tensor]:
+        """Prefill a new row with ``prompt`` (its last block_size tokens); return its handle and the logits
+        (V,) of the token after it. Other rows keep their state."""
+        if not self._free:
+            raise RuntimeError(f"all {self.max_rows} rows are in use; release one first")
+        if not prompt:
+            raise ValueError("a prompt needs at least one token")
+        handle = self._free.pop()
+        row = len(self._order)
+        self._order.append(handle)
+        self._context[handle] = list(prompt[-self.block_size :])
+        logits = self._prefill(row, self._context[handle], last=True)
+        return handle, logits[0]
+
+    def step(self, tokens: dict[int, int]) -> Tensor:
+        """Feed one token to every live row (``tokens``: handle -> token id); return the next-token logits
+        (n, V) in the order of ``live``."""
+        if set(tokens) != set(self._order):
+            raise ValueError(f"step needs a token for exactly the live rows {sorted(self._order)}")
+        for row, handle in enumerate(self._order):
+            context = self._context[handle]
+            if len(context) >= self.block_size:  # full: keep the last tokens at positions 0.. (see class doc)
+                keep = max(self.block_size // 2 - 1, 0)
+                del context[: len(context) - keep]
+                self.windowed += 1
+                self.cache.reset(row)
+                if keep:
+                    self._prefill(row, context, last=True)
+            context.append(tokens[handle])
+        n = len(self._order)
+        idx = torch.tensor([tokens[h] for h in self._order], device=self.device).unsqueeze(1)  # (n, 1)
+        self.forward_calls += 1
+        self.decode_tokens += n
+        with torch.inference_mode():
+            return self.model.forward_rows(idx, self.cache, slice(0, n), last_only=True)  # (n, V)
+
+    def release(self, handle: int) -> None:
+        """Free ``handle``'s row for a later ``admit``."""
+        row = self._order.index(handle)
+        last = len(self._order) - 1
+        if row != last:  # keep live rows contiguous: the last one moves into the gap
+            self.cache.move(last, row)
+            self._order[row] = self._order[last]
+        self._order.pop()
+        self.cache.reset(last)
+        del self._context[handle]
+        self._free.append(handle)
+
+    def _prefill(self, row: int, tokens: list[int], last: bool) -> Tensor:
+        self.cache.reset(row)
+        idx = torch.tensor(tokens, device=self.device).unsqueeze(0)  # (1, T)
+        self.forward_calls += 1
+        self.prefill_tokens += len(tokens)
+        with torch.inference_mode():
+            return self.model.forward_rows(idx, self.cache, slice(row, row + 1), last_only=last)
 
 
 if __name__ == "__main__":  # python -m lm.generate: `lm generate` (the CLI lives in lm.__main__)

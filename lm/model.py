@@ -62,6 +62,54 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class RowKVCache:
+    """A batched KV cache whose rows hold sequences of their own lengths, for continuous batching.
+
+    Row r holds ``lengths[r]`` valid entries (positions 0 .. lengths[r] - 1); entries past them are stale and
+    masked out. ``TransformerLM.forward_rows`` advances a contiguous range of rows, each at its own position.
+    """
+
+    def __init__(
+        self, n_layer: int, n_rows: int, n_head: int, max_len: int, head_dim: int, device, dtype
+    ) -> None:
+        shape = (n_rows, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.n_rows = n_rows
+        self.max_len = max_len
+        self.lengths = [0] * n_rows  # a Python list: masks and positions are built without a device sync
+
+    def reset(self, row: int) -> None:
+        """Empty ``row`` (its stale entries stay, masked), ready for a new prefill."""
+        self.lengths[row] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row ``src``'s valid entries and length into row ``dst`` (keeps live rows contiguous)."""
+        n = self.lengths[src]
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+        self.lengths[dst] = n
+
+    def update(
+        self, layer: int, rows: slice, starts: list[int], k: Tensor, v: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Store k, v (n, n_head, T, head_dim) of ``layer`` after each row's ``starts``; return the rows' keys
+        and values (n, n_head, S, head_dim), S = max(starts) + T (entries past a row's own end are stale)."""
+        T = k.size(2)
+        S = max(starts) + T
+        ck, cv = self.k[layer][rows], self.v[layer][rows]  # views of the rows' slots
+        if min(starts) == S - T:  # every row at the same position: one slice assignment
+            ck[:, :, S - T : S] = k
+            cv[:, :, S - T : S] = v
+        else:  # (n, 1) rows x (n, T) positions pick (n, T, n_head, head_dim) entries
+            pos = torch.tensor(starts, device=k.device).unsqueeze(1) + torch.arange(T, device=k.device)
+            row = torch.arange(k.size(0), device=k.device).unsqueeze(1)
+            ck[row, :, pos] = k.transpose(1, 2)
+            cv[row, :, pos] = v.transpose(1, 2)
+        return ck[:, :, :S], cv[:, :, :S]
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention: fused SDPA kernel, or an explicit masked softmax that can return weights."""
 
@@ -104,6 +152,30 @@ class MultiHeadAttention(nn.Module):
             y = self._fused(q, k, v, start, dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, n_head, T, head_dim) -> (B, T, C), a view after SDPA
         return self.resid_dropout(self.c_proj(y)), weights
+
+    def forward_rows(
+        self, x: Tensor, cache: RowKVCache, layer: int, rows: slice, starts: list[int], mask: Tensor | None
+    ) -> Tensor:
+        """x (n, T, C) of rows that start at their own ``starts``; ``mask`` (n, 1, T, S) True = may attend,
+        or None when causal attention from position 0 (a prefill) or no mask (one token, equal starts) is right."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (n, T, 3C) -> 3 x (n, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (n, T, C) -> (n, n_head, T, head_dim)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = cache.update(layer, rows, starts, k, v)  # (n, n_head, S, head_dim)
+        causal = mask is None and T > 1
+        if self.explicit:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (n, n_head, T, S)
+            if causal:
+                mask = self.mask[:T, : k.size(2)]
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            y = att.softmax(dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (n, n_head, T, head_dim) -> (n, T, C)
+        return self.resid_dropout(self.c_proj(y))
 
     def _fused(self, q: Tensor, k: Tensor, v: Tensor, start: int, dropout_p: float) -> Tensor:
         T, S = q.size(2), k.size(2)
@@ -153,6 +225,13 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """(B, T, C) -> (B, T, C); with a cache, x holds only the new positions."""
         x = x + self.attn(self.ln_1(x), cache, layer)[0]
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_rows(
+        self, x: Tensor, cache: RowKVCache, layer: int, rows: slice, starts: list[int], mask: Tensor | None
+    ) -> Tensor:
+        """Like ``forward`` for rows of a RowKVCache, each at its own position (see MultiHeadAttention)."""
+        x = x + self.attn.forward_rows(self.ln_1(x), cache, layer, rows, starts, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -245,3 +324,57 @@ class TransformerLM(nn.Module):
             x = block(x, cache, layer)
         cache.length += t
         return self.lm_head(self.ln_f(x))  # (B, t, C) -> (B, t, V)
+
+    def new_row_cache(
+        self, n_rows: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> RowKVCache:
+        """An empty per-row cache of ``n_rows`` rows for ``forward_rows``, on the model's device and dtype."""
+        weight = self.tok_emb.weight
+        return RowKVCache(
+            self.cfg.n_layer,
+            n_rows,
+            self.cfg.n_head,
+            self.cfg.block_size,
+            self.cfg.head_dim,
+            device=weight.device if device is None else device,
+            dtype=weight.dtype if dtype is None else dtype,
+        )
+
+    def forward_rows(
+        self, idx: Tensor, cache: RowKVCache, rows: slice | None = None, last_only: bool = False
+    ) -> Tensor:
+        """Logits (n, T, V) (or (n, V) with ``last_only``) of new tokens idx (n, T) for cache rows ``rows``
+        (default the first n), each following its own ``cache.lengths[r]`` tokens; appends their keys/values.
+
+        A row sees only its own entries, at its own positions, so it decodes exactly as it would alone. Reset a
+        row and pass its prompt to prefill it while other rows keep their state.
+        """
+        n, T = idx.shape
+        rows = slice(0, n) if rows is None else rows
+        starts = cache.lengths[rows]
+        if len(starts) != n:
+            raise ValueError(f"{n} rows of tokens for cache rows {rows.start}..{rows.stop - 1}")
+        if T < 1:
+            raise ValueError("forward_rows needs at least one new token per row")
+        S = max(starts) + T
+        if S > self.cfg.block_size:
+            raise ValueError(
+                f"a row would hold {S} tokens, more than model.block_size={self.cfg.block_size}; "
+                "window it first (see lm.generate.BatchDecoder)"
+            )
+        device = idx.device
+        pos = torch.tensor(starts, device=device).unsqueeze(1) + torch.arange(T, device=device)  # (n, T)
+        x = torch.add(self.pos_enc.table[pos], self.tok_emb(idx), alpha=self.emb_scale)  # as in _embed
+        x = self.drop(x)
+        mask = None
+        if max(starts) == 0:
+            pass  # a prefill from position 0: plain causal attention, the training path's own kernel
+        elif T > 1 or min(starts) != max(starts):  # query at position p sees keys 0 .. p of its own row
+            mask = (torch.arange(S, device=device) <= pos.unsqueeze(-1)).unsqueeze(1)  # (n, 1, T, S)
+        for layer, block in enumerate(self.blocks):
+            x = block.forward_rows(x, cache, layer, rows, starts, mask)
+        for r in range(*rows.indices(cache.n_rows)):
+            cache.lengths[r] += T
+        if last_only:
+            x = x[:, -1, :]  # (n, C): the projection to V only where a token is sampled
+        return self.lm_head(self.ln_f(x))  # (n, T, V) or (n, V)

@@ -1,0 +1,592 @@
+"""Continuous (iteration-level) batching for serving: one scheduler thread owns a batched KV cache.
+
+At every decode step the scheduler admits waiting requests into free rows (a prefill each), advances every live
+row by one token in one forward (rows at different positions, ``lm.generate.BatchDecoder``), and retires rows
+that hit EOS, a stop string, their length or a cancel, so a short request never waits for a long one. Text
+streams as ``Delta`` events (UTF-8 safe, stop strings held back until they cannot match) and ends with one
+``Finished``. No Ray and no HTTP here: ``lmplatform.serve`` wraps it.
+
+Sampling: every request draws from its own ``torch.Generator`` (CPU, seeded by ``SamplingParams.seed``; one
+uniform draw per sampled token), through ``lm.generate.filter_logits`` with its own temperature/top-k/top-p, so
+a request's draws never depend on its batch. Greedy tokens are the same alone or batched; logits differ between
+batch sizes only by float rounding (~1e-7), so a seeded sampled request gives the same tokens alone or batched
+unless a draw falls within that rounding of a token boundary (probability ~1e-6 per token).
+Logprobs are those of the model's own distribution (log-softmax of the temperature-1 logits, before top-k/top-p),
+as OpenAI reports them. ``completion_tokens`` counts every sampled token, EOS and stop-string tokens included;
+``Delta.token_ids`` hold only the tokens whose text is in the completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import collections
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lm.generate import BatchDecoder, filter_logits, sample_next
+from lm.model import TransformerLM
+from lm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MODES = ("continuous", "none")
+MAX_LOGPROBS = 5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded; invalid values raise ValueError naming the field."""
+
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None  # None or 0 = off
+    top_p: float | None = None  # None or 1.0 = off
+    seed: int | None = None  # None: a random seed chosen per request
+    stop: tuple[str, ...] = ()  # never leaks into the text, also when split across tokens
+    logprobs: int | None = None  # None = off; 0..5 = the chosen token's logprob plus that many alternatives
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))  # a list from JSON is fine too
+        t, k, p, lp = self.temperature, self.top_k, self.top_p, self.logprobs
+        _check(
+            _is_int(self.max_new_tokens) and self.max_new_tokens >= 0,
+            "max_new_tokens",
+            self.max_new_tokens,
+            "an integer >= 0",
+        )
+        _check(
+            _is_number(t) and math.isfinite(t) and t >= 0,
+            "temperature",
+            t,
+            "a finite number >= 0 (0 = greedy)",
+        )
+        _check(k is None or (_is_int(k) and k >= 0), "top_k", k, "None or an integer >= 0 (0 = off)")
+        _check(p is None or (_is_number(p) and 0.0 < p <= 1.0), "top_p", p, "None or a number in (0, 1]")
+        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "None or an integer")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
+        _check(
+            lp is None or (_is_int(lp) and 0 <= lp <= MAX_LOGPROBS),
+            "logprobs",
+            lp,
+            f"None or 0..{MAX_LOGPROBS}",
+        )
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token's text and logprob, with up to 5 most likely alternatives (text -> logprob)."""
+
+    token: str
+    logprob: float
+    top: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text since the last event (never half a character), the tokens behind it and their logprobs."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a request: why it ended, the whole completion (without the stop string), usage."""
+
+    reason: str  # "eos" | "length" | "stop" | "cancelled"
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float | None
+    total_s: float
+
+
+class EngineFull(RuntimeError):
+    """Too many requests are waiting for a row: the server should answer 503 or 429."""
+
+
+class EngineError(RuntimeError):
+    """Decoding failed inside the engine (raised by the stream of every request it was decoding)."""
+
+
+Event = Delta | Finished
+
+
+class RequestStream:
+    """The events of one request: ``async for event in stream`` yields Delta ... Finished."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, wake: threading.Condition | None) -> None:
+        self._loop = loop
+        self._wake = wake
+        self._queue: asyncio.Queue[Event | BaseException] | None = asyncio.Queue() if loop else None
+        self._cancelled = threading.Event()
+        self.finished: Finished | None = None
+        self.admitted_step: int | None = None  # the engine's step counter when the request got a row
+        self.finished_step: int | None = None  # ... and when it left it
+
+    def cancel(self) -> None:
+        """Stop decoding this request: its row is freed within one decode step and it ends "cancelled"."""
+        self._cancelled.set()
+        if self._wake is not None:
+            with self._wake:
+                self._wake.notify_all()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether ``cancel`` was called."""
+        return self._cancelled.is_set()
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[Event]:
+        assert self._queue is not None
+        done = False
+        try:
+            while True:
+                event = await self._queue.get()
+                if isinstance(event, BaseException):
+                    done = True
+                    raise event
+                if isinstance(event, Finished):
+                    done = True
+                yield event
+                if done:
+                    return
+        finally:
+            if not done:  # the consumer went away (disconnect): give the row back
+                self.cancel()
+
+    async def collect(self) -> tuple[list[Delta], Finished]:
+        """Every Delta and the Finished event."""
+        deltas: list[Delta] = []
+        async for event in self:
+            if isinstance(event, Finished):
+                return deltas, event
+            deltas.append(event)
+        raise EngineError("the stream ended without a Finished event")
+
+    def _push(self, events: Sequence[Event | BaseException]) -> None:
+        if self._loop is None or self._queue is None:
+            return
+        try:
+            for event in events:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+            self._cancelled.set()
+
+
+class Engine:
+    """Continuous batching over one model: ``submit`` from an event loop, decoding in a scheduler thread.
+
+    ``mode="continuous"`` admits waiting requests into free rows at every decode step; ``mode="none"`` decodes
+    one request at a time (FIFO), the baseline. The model is put in eval mode; torch's thread count is the
+    caller's to set.
+    """
+
+    def __init__(
+        self,
+        model: TransformerLM,
+        tokenizer: Tokenizer,
+        *,
+        max_batch_size: int = 32,
+        max_waiting: int = 256,
+        mode: str = "continuous",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not allowed: must be one of {', '.join(MODES)}")
+        if not (_is_int(max_batch_size) and max_batch_size >= 1):
+            raise ValueError(f"max_batch_size={max_batch_size!r} is not allowed: must be an integer >= 1")
+        if not (_is_int(max_waiting) and max_waiting >= 0):
+            raise ValueError(f"max_waiting={max_waiting!r} is not allowed: must be an integer >= 0")
+        self.mode = mode
+        self.max_batch_size = max_batch_size
+        self.max_waiting = max_waiting
+        self._core = _Core(model, tokenizer, max_batch_size if mode == "continuous" else 1)
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="lmlab-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> RequestStream:
+        """Queue a request; call inside a running event loop. Raises EngineFull when too many are waiting,
+        ValueError for token ids outside the vocabulary."""
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(loop, self._wake)
+        request = self._core.request(prompt_ids, params, stream)
+        with self._wake:
+            if self._closed:
+                raise EngineError("the engine is closed")
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineFull(f"{len(self._waiting)} requests are already waiting (max_waiting)")
+            self._waiting.append(request)
+            self._wake.notify_all()
+        return stream
+
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges for metrics: queue, batch occupancy, steps, tokens."""
+        core = self._core
+        running = len(core.rows)
+        return {
+            "waiting": float(len(self._waiting)),
+            "running": float(running),
+            "max_batch_size": float(core.decoder.max_rows),  # 1 in mode "none"
+            "occupancy": running / core.decoder.max_rows,
+            "decode_steps": float(core.steps),
+            "tokens_generated": float(core.tokens_generated),
+            "prefill_tokens": float(core.decoder.prefill_tokens),
+            "decode_tokens": float(core.decoder.decode_tokens),
+            "requests_finished": float(core.requests_finished),
+            "requests_cancelled": float(core.requests_cancelled),
+            "windowed": float(core.decoder.windowed),
+        }
+
+    def close(self) -> None:
+        """Stop the scheduler; every waiting or running request ends "cancelled"."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        core = self._core
+        while True:
+            with self._wake:
+                while not self._closed and not self._waiting and not core.rows:
+                    self._wake.wait()
+                if self._closed:
+                    break
+                if any(r.stream.cancelled for r in self._waiting):  # gone before they got a row
+                    for request in [r for r in self._waiting if r.stream.cancelled]:
+                        self._waiting.remove(request)
+                        request.stream._push(core.finish(request, "cancelled"))
+                admit: list[_Request] = []
+                while self._waiting and len(admit) < core.decoder.free_rows():
+                    admit.append(self._waiting.popleft())
+            if not admit and not core.rows:
+                continue
+            try:
+                results = core.step(admit)
+            except Exception as exc:  # a bug or a device error: fail these requests, keep serving others
+                log.exception("engine step failed")
+                error = EngineError(f"decoding failed: {type(exc).__name__}: {exc}")
+                for request in [*core.rows.values(), *admit]:
+                    request.stream._push([error])
+                core.drop_all()
+                continue
+            for request, events in results:
+                request.stream._push(events)
+        with self._wake:
+            leftover = list(self._waiting)
+            self._waiting.clear()
+        for request in [*core.rows.values(), *leftover]:
+            request.stream._push(core.finish(request, "cancelled"))
+        core.drop_all()
+
+
+def decode_static(
+    model: TransformerLM,
+    tokenizer: Tokenizer,
+    requests: list[tuple[list[int], SamplingParams]],
+    cancelled: list[threading.Event] | None = None,
+) -> Iterator[list[Delta | Finished | None]]:
+    """Decode one batch together (rows at different positions): one list per decode step, one slot per row,
+    None when a row has nothing new (text held back, or finished earlier). A row's Finished comes in the list
+    after its last Delta. What the "static" mode's ``@serve.batch`` handler wraps."""
+    if cancelled is not None and len(cancelled) != len(requests):
+        raise ValueError(f"{len(cancelled)} cancel flags for {len(requests)} requests")
+    if not requests:
+        return iter(())
+    core = _Core(model, tokenizer, len(requests))
+    streams = [RequestStream(None, None) for _ in requests]
+    if cancelled is not None:
+        for stream, flag in zip(streams, cancelled):
+            stream._cancelled = flag
+    batch = [core.request(ids, params, stream) for (ids, params), stream in zip(requests, streams)]
+    return _static_steps(core, batch)
+
+
+def _static_steps(core: _Core, batch: list[_Request]) -> Iterator[list[Delta | Finished | None]]:
+    queues: list[collections.deque[Event]] = [collections.deque() for _ in batch]
+    slot = {id(r): i for i, r in enumerate(batch)}
+    admit = batch
+    while admit or core.rows or any(queues):
+        if admit or core.rows:
+            for request, events in core.step(admit):
+                queues[slot[id(request)]].extend(events)  # type: ignore[arg-type]
+            admit = []
+        yield [q.popleft() if q else None for q in queues]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The decoding core shared by Engine and decode_static: rows, sampling, detokenization, stop strings.
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt: list[int]
+    prompt_tokens: int
+    params: SamplingParams
+    stream: RequestStream
+    generator: torch.Generator
+    t_submit: float
+    handle: int | None = None
+    pending: int = 0  # the sampled token the next step feeds
+    completion_tokens: int = 0
+    text: str = ""  # every character decoded so far
+    emitted: int = 0  # characters of text already sent
+    held: list[tuple[int, int, TokenLogprob | None]] = field(default_factory=list)  # (id, text offset, lp)
+    t_first: float | None = None
+    utf8: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
+
+
+class _Core:
+    def __init__(self, model: TransformerLM, tokenizer: Tokenizer, max_rows: int) -> None:
+        if model.training:
+            model.eval()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.decoder = BatchDecoder(model, max_rows)
+        self.token_bytes = token_bytes(tokenizer)
+        self.eos_id = tokenizer.eos_id
+        self.rows: dict[int, _Request] = {}  # handle -> request
+        self.steps = 0
+        self.tokens_generated = 0
+        self.requests_finished = 0
+        self.requests_cancelled = 0
+
+    def request(self, prompt_ids: Sequence[int], params: SamplingParams, stream: RequestStream) -> _Request:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        vocab = self.model.cfg.vocab_size
+        prompt = [int(i) for i in prompt_ids]
+        bad = [i for i in prompt if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        seed = secrets.randbits(63) if params.seed is None else params.seed % (1 << 64)
+        return _Request(
+            prompt=prompt or [self.eos_id],  # an empty prompt starts a new document
+            prompt_tokens=len(prompt),
+            params=params,
+            stream=stream,
+            generator=torch.Generator().manual_seed(seed),
+            t_submit=time.perf_counter(),
+        )
+
+    def step(self, admit: list[_Request]) -> list[tuple[_Request, list[Event]]]:
+        """One decode step: retire cancelled rows, advance live rows, prefill ``admit``, sample every row."""
+        results: list[tuple[_Request, list[Event]]] = []
+        for request in list(self.rows.values()):
+            if request.stream.cancelled:
+                results.append((request, self.finish(request, "cancelled")))
+        sampled: list[_Request] = []
+        parts: list[Tensor] = []
+        if self.rows:
+            parts.append(self.decoder.step({h: r.pending for h, r in self.rows.items()}))
+            sampled += [self.rows[h] for h in self.decoder.live]
+        for request in admit:
+            request.stream.admitted_step = self.steps
+            if request.stream.cancelled:
+                results.append((request, self.finish(request, "cancelled")))
+            elif request.params.max_new_tokens == 0:
+                results.append((request, self.finish(request, "length")))
+            else:
+                request.handle, logits = self.decoder.admit(request.prompt)
+                self.rows[request.handle] = request
+                parts.append(logits.unsqueeze(0))
+                sampled.append(request)
+        if sampled:
+            logits = torch.cat(parts)  # (n, V)
+            tokens = self._sample(logits, sampled)
+            logprobs = self._logprobs(logits, sampled, tokens)
+            now = time.perf_counter()
+            for request, token, lp in zip(sampled, tokens, logprobs):
+                results.append((request, self._advance(request, token, lp, now)))
+        self.steps += 1
+        return results
+
+    def finish(self, request: _Request, reason: str, text_end: int | None = None) -> list[Event]:
+        """The last events of ``request`` (remaining text, then Finished); frees its row."""
+        events: list[Event] = []
+        if reason != "cancelled":
+            if text_end is None:
+                request.text += request.utf8.decode(b"", final=True)  # a dangling partial character
+            end = len(request.text) if text_end is None else text_end
+            delta = self._release_text(request, end, final=True)
+            if delta is not None:
+                events.append(delta)
+        if request.handle is not None:
+            self.decoder.release(request.handle)
+            del self.rows[request.handle]
+            request.handle = None
+        finished = Finished(
+            reason=reason,
+            text=request.text[: request.emitted],
+            prompt_tokens=request.prompt_tokens,
+            completion_tokens=request.completion_tokens,
+            time_to_first_token_s=None if request.t_first is None else request.t_first - request.t_submit,
+            total_s=time.perf_counter() - request.t_submit,
+        )
+        request.stream.finished = finished
+        request.stream.finished_step = self.steps
+        self.requests_finished += 1
+        self.requests_cancelled += reason == "cancelled"
+        events.append(finished)
+        return events
+
+    def drop_all(self) -> None:
+        for handle in self.decoder.live:  # also a row admitted by a step that failed half-way
+            self.decoder.release(handle)
+        self.rows.clear()
+
+    def _sample(self, logits: Tensor, rows: list[_Request]) -> list[int]:
+        groups: dict[tuple[float, int | None, float | None], list[int]] = {}
+        for i, request in enumerate(rows):
+            p = request.params
+            key = (float(p.temperature), p.top_k or None, p.top_p if p.top_p != 1.0 else None)
+            groups.setdefault(key, []).append(i)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for (temperature, top_k, top_p), members in groups.items():
+            index = torch.tensor(members, device=logits.device)
+            sub = logits.index_select(0, index)  # (m, V)
+            if temperature == 0.0:
+                tokens[index] = sample_next(sub, temperature=0.0)  # argmax; draws nothing
+                continue
+            cdf = filter_logits(sub, temperature, top_k, top_p).softmax(dim=-1).cumsum(dim=-1)  # (m, V)
+            # One uniform in (0, 1] per row from the row's own generator: the draw never depends on the batch.
+            u = torch.tensor([1.0 - torch.rand((), generator=rows[i].generator).item() for i in members])
+            u = u.to(logits.device).unsqueeze(1) * cdf[:, -1:]  # (m, 1)
+            tokens[index] = (cdf < u).sum(dim=-1).clamp_(max=cdf.size(-1) - 1)  # first token whose cdf >= u
+        return tokens.tolist()
+
+    def _logprobs(self, logits: Tensor, rows: list[_Request], tokens: list[int]) -> list[TokenLogprob | None]:
+        wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(rows)
+        if not wanted:
+            return out
+        index = torch.tensor(wanted, device=logits.device)
+        lp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # the model's distribution
+        chosen = lp.gather(1, torch.tensor([tokens[i] for i in wanted], device=lp.device).unsqueeze(1))
+        k = max(rows[i].params.logprobs or 0 for i in wanted)
+        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        chosen_l, top_vl, top_il = chosen.squeeze(1).tolist(), top_v.tolist(), top_i.tolist()
+        for j, i in enumerate(wanted):
+            n = rows[i].params.logprobs or 0
+            top: dict[str, float] = {}
+            for value, token in zip(top_vl[j][:n], top_il[j][:n]):
+                top.setdefault(self._text(token), value)
+            out[i] = TokenLogprob(token=self._text(tokens[i]), logprob=chosen_l[j], top=top)
+        return out
+
+    def _text(self, token: int) -> str:
+        return self.token_bytes[token].decode("utf-8", errors="replace")
+
+    def _advance(self, request: _Request, token: int, lp: TokenLogprob | None, now: float) -> list[Event]:
+        request.completion_tokens += 1
+        self.tokens_generated += 1
+        if request.t_first is None:
+            request.t_first = now
+        if token == self.eos_id:
+            return self.finish(request, "eos")
+        request.pending = token
+        request.held.append((token, len(request.text), lp))
+        request.text += request.utf8.decode(self.token_bytes[token])
+        last = request.completion_tokens >= request.params.max_new_tokens
+        if last:
+            request.text += request.utf8.decode(b"", final=True)  # a dangling partial character
+        stops = request.params.stop
+        if stops:
+            hits = [i for i in (request.text.find(s, request.emitted) for s in stops) if i >= 0]
+            if hits:
+                return self.finish(request, "stop", text_end=min(hits))
+        if last:
+            return self.finish(request, "length")
+        end = len(request.text) - _held_back(request.text, request.emitted, stops)
+        delta = self._release_text(request, end, final=False)
+        return [delta] if delta is not None else []
+
+    def _release_text(self, request: _Request, end: int, final: bool) -> Delta | None:
+        """A Delta of text[emitted:end] with the held tokens that start before ``end`` (all of them when the
+        whole text goes out at the end), or None when there is nothing to send."""
+        end = max(end, request.emitted)
+        everything = final and end == len(request.text)
+        taken = [h for h in request.held if everything or h[1] < end]
+        request.held = [] if final else request.held[len(taken) :]
+        text = request.text[request.emitted : end]
+        request.emitted = end
+        if not text and not taken:
+            return None
+        want = request.params.logprobs is not None
+        return Delta(
+            text=text,
+            token_ids=[t for t, _, _ in taken],
+            logprobs=[lp for _, _, lp in taken if lp is not None] if want else None,
+        )
+
+
+def _held_back(text: str, emitted: int, stops: tuple[str, ...]) -> int:
+    """How many final characters of text could begin a stop string, so must not be sent yet."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text) - emitted), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return hold
+
+
+def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
+    """The bytes each token id stands for (byte-level BPE: a token may hold part of a UTF-8 character)."""
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    hf = tokenizer.hf
+    added = {i: t.content for i, t in hf.get_added_tokens_decoder().items()}
+    table = [b""] * tokenizer.vocab_size
+    for piece, i in hf.get_vocab(with_added_tokens=True).items():
+        if i in added:
+            table[i] = added[i].encode("utf-8")
+        elif all(c in byte_of for c in piece):
+            table[i] = bytes(byte_of[c] for c in piece)
+        else:  # not a byte-level token: its decoded text is the best we have
+            table[i] = hf.decode([i], skip_special_tokens=False).encode("utf-8")
+    return table
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's byte-level alphabet: printable bytes map to themselves, the rest to code points from 256 up.
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not allowed: must be {allowed}")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -189,6 +189,14 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs_compare(args: argparse.Namespace) -> int:
+    """Print runs side by side, a sweep's parent expanded to its trials, sorted by dev bits per byte."""
+    from lmplatform.compare import compare_runs
+
+    print(compare_runs(_tracking_uri(args), [_mlflow_run_id(ref) for ref in args.run_ids]))
+    return 0
+
+
 def _mlflow_run_id(ref: str) -> str:
     """A run id (or prefix) as given, or the MLflow run a run directory's run.json records."""
     from lm.checkpoint import CheckpointError, read_run_record
@@ -274,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", metavar="RUN", help="a run id, a unique prefix of one, or a run directory")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.set_defaults(handler=cmd_runs_show)
+    p = runs_sub.add_parser(
+        "compare", help="runs side by side (a sweep's parent run expands to its trials), by dev bits/byte"
+    )
+    p.add_argument("run_ids", nargs="+", metavar="RUN", help="run ids, unique prefixes, sweep parents")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.set_defaults(handler=cmd_runs_compare)
     return parser
 
 

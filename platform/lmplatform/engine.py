@@ -130,6 +130,7 @@ class RequestStream:
         self._wake = wake
         self._queue: asyncio.Queue[Event | BaseException] | None = asyncio.Queue() if loop else None
         self._cancelled = threading.Event()
+        self._iterator: AsyncIterator[Event] | None = None
         self.finished: Finished | None = None
         self.admitted_step: int | None = None  # the engine's step counter when the request got a row
         self.finished_step: int | None = None  # ... and when it left it
@@ -147,7 +148,10 @@ class RequestStream:
         return self._cancelled.is_set()
 
     def __aiter__(self) -> AsyncIterator[Event]:
-        return self._events()
+        # One iterator per stream: reading the first event, then ``async for`` (or collect) continues it.
+        if self._iterator is None:
+            self._iterator = self._events()
+        return self._iterator
 
     async def _events(self) -> AsyncIterator[Event]:
         assert self._queue is not None
@@ -168,7 +172,7 @@ class RequestStream:
                 self.cancel()
 
     async def collect(self) -> tuple[list[Delta], Finished]:
-        """Every Delta and the Finished event."""
+        """The Delta events not read yet, and the Finished event."""
         deltas: list[Delta] = []
         async for event in self:
             if isinstance(event, Finished):
@@ -271,6 +275,8 @@ class Engine:
                     for request in [r for r in self._waiting if r.stream.cancelled]:
                         self._waiting.remove(request)
                         request.stream._push(core.finish(request, "cancelled"))
+                for request, events in core.retire_cancelled():  # so a waiting request takes the row now
+                    request.stream._push(events)
                 admit: list[_Request] = []
                 while self._waiting and len(admit) < core.decoder.free_rows():
                     admit.append(self._waiting.popleft())
@@ -388,10 +394,7 @@ class _Core:
 
     def step(self, admit: list[_Request]) -> list[tuple[_Request, list[Event]]]:
         """One decode step: retire cancelled rows, advance live rows, prefill ``admit``, sample every row."""
-        results: list[tuple[_Request, list[Event]]] = []
-        for request in list(self.rows.values()):
-            if request.stream.cancelled:
-                results.append((request, self.finish(request, "cancelled")))
+        results = self.retire_cancelled()
         sampled: list[_Request] = []
         parts: list[Tensor] = []
         if self.rows:
@@ -417,6 +420,11 @@ class _Core:
                 results.append((request, self._advance(request, token, lp, now)))
         self.steps += 1
         return results
+
+    def retire_cancelled(self) -> list[tuple[_Request, list[Event]]]:
+        """Free the rows of cancelled requests (their Finished events)."""
+        gone = [r for r in self.rows.values() if r.stream.cancelled]
+        return [(request, self.finish(request, "cancelled")) for request in gone]
 
     def finish(self, request: _Request, reason: str, text_end: int | None = None) -> list[Event]:
         """The last events of ``request`` (remaining text, then Finished); frees its row."""

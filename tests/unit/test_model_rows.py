@@ -15,6 +15,15 @@ from lm.model import TransformerLM
 TINY = ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Toy shapes run fastest on one thread, and the VM is shared (the engine itself never sets threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make(seed: int = 0, **changes: object) -> TransformerLM:
     torch.manual_seed(seed)
     return TransformerLM(dataclasses.replace(TINY, **changes)).eval()

@@ -1,0 +1,559 @@
+"""Tests for lmplatform/engine.py (no Ray, no HTTP): continuous batching gives each request what it gets alone,
+stop strings and split characters never leak, EOS/length/cancel, backpressure, scheduling order in steps,
+decode_static's slots, windowing past block_size."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from lmplatform.engine import (
+    Delta,
+    Engine,
+    EngineError,
+    EngineFull,
+    Finished,
+    SamplingParams,
+    decode_static,
+    token_bytes,
+)
+
+from lm.config import ModelConfig
+from lm.model import RowKVCache, TransformerLM
+from lm.tokenizer import Tokenizer, train_tokenizer
+
+BLOCK = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Toy shapes run fastest on one thread, and the VM is shared (the engine itself never sets threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok(small_text: str) -> Tokenizer:
+    return train_tokenizer([small_text], vocab_size=320)
+
+
+def tiny(tok: Tokenizer, seed: int = 0) -> TransformerLM:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32)
+    return TransformerLM(cfg).eval()
+
+
+class ScriptedLM(TransformerLM):
+    """A real model whose logits are replaced so that, after a one-token prompt, it emits ``script`` in order."""
+
+    def __init__(self, cfg: ModelConfig, script: list[int]) -> None:
+        super().__init__(cfg)
+        self.script = script
+
+    def forward_rows(
+        self, idx: torch.Tensor, cache: RowKVCache, rows: slice | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        rows = slice(0, idx.size(0)) if rows is None else rows
+        super().forward_rows(idx, cache, rows, last_only)
+        lengths = cache.lengths[rows]  # tokens seen by each row: the next one is script[length - 1]
+        logits = torch.full((len(lengths), self.cfg.vocab_size), -10.0)
+        for r, n in enumerate(lengths):
+            logits[r, self.script[(n - 1) % len(self.script)]] = 10.0
+        return logits if last_only else logits.unsqueeze(1).expand(-1, idx.size(1), -1)
+
+
+def scripted(tok: Tokenizer, script: list[int]) -> ScriptedLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=1, n_head=2, n_embd=32)
+    return ScriptedLM(cfg, script).eval()
+
+
+def byte_ids(tok: Tokenizer, data: bytes) -> list[int]:
+    """One token per byte (the byte-level alphabet's single-byte tokens)."""
+    table = token_bytes(tok)
+    single = {b[0]: i for i, b in enumerate(table) if len(b) == 1 and i not in (tok.eos_id, tok.pad_id)}
+    return [single[b] for b in data]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect_all(engine: Engine, requests: list[tuple[list[int], SamplingParams]]):
+    streams = [engine.submit(ids, params) for ids, params in requests]
+    return await asyncio.gather(*(s.collect() for s in streams))
+
+
+def ids_of(deltas: list[Delta]) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
+
+
+def check_consistent(deltas: list[Delta], fin: Finished) -> None:
+    assert "".join(d.text for d in deltas) == fin.text
+    assert all(d.text for d in deltas[:-1])  # only a final flush may carry tokens without text
+
+
+MIXED = [  # (prompt, params): mixed lengths, greedy and seeded sampling with their own filters
+    ("ROMEO:", SamplingParams(max_new_tokens=40, temperature=0.0)),
+    ("First Citizen:\nBefore we proceed any further, hear me speak.", SamplingParams(25, 0.9, seed=7)),
+    ("A", SamplingParams(max_new_tokens=12, temperature=1.2, top_k=40, seed=1)),
+    ("What, ho! Apothecary!", SamplingParams(max_new_tokens=30, temperature=0.8, top_p=0.9, seed=3)),
+    ("\n", SamplingParams(max_new_tokens=20, temperature=0.0)),
+    ("MENENIUS:\nI tell you, friends", SamplingParams(max_new_tokens=18, temperature=1.0, seed=11, top_k=5)),
+]
+
+
+async def read(stream) -> tuple[list[Delta], Finished]:
+    """All of a stream's events, whatever was read before."""
+    return await stream.collect()
+
+
+async def first_then_rest(stream) -> tuple[list[Delta], Finished]:
+    first = await stream.__aiter__().__anext__()
+    if isinstance(first, Finished):
+        return [], first
+    deltas, fin = await stream.collect()
+    return [first, *deltas], fin
+
+
+def test_batched_requests_get_the_tokens_they_get_alone(tok: Tokenizer) -> None:
+    """Greedy and seeded sampling, mixed lengths, staggered arrivals, windowing past block_size included."""
+    model = tiny(tok)
+    requests = [(tok.encode(p), params) for p, params in MIXED]
+
+    async def alone():
+        engine = Engine(model, tok, mode="none")
+        try:
+            return [await engine.submit(ids, params).collect() for ids, params in requests]
+        finally:
+            engine.close()
+
+    async def batched():
+        engine = Engine(model, tok, max_batch_size=4)  # fewer rows than requests: some wait for a row
+        try:
+            streams, firsts = [], []
+            for ids, params in requests:
+                streams.append(engine.submit(ids, params))
+                # The next request arrives once this one has its first event: while the others decode.
+                firsts.append(await streams[-1].__aiter__().__anext__())
+            out = []
+            for stream, first in zip(streams, firsts):
+                deltas, fin = ([], first) if isinstance(first, Finished) else await stream.collect()
+                out.append(([first, *deltas] if isinstance(first, Delta) else deltas, fin))
+            return out, engine.stats()
+        finally:
+            engine.close()
+
+    solo = run(alone())
+    together, stats = run(batched())
+    for (d1, f1), (d2, f2) in zip(solo, together):
+        assert ids_of(d1) == ids_of(d2)
+        assert (f1.text, f1.reason, f1.completion_tokens) == (f2.text, f2.reason, f2.completion_tokens)
+        check_consistent(d2, f2)
+    assert solo[0][1].completion_tokens == 40  # past block_size (prompt + 40 > 32): windowing kept going
+    assert stats["windowed"] >= 1
+    assert stats["requests_finished"] == len(MIXED) and stats["running"] == 0 and stats["waiting"] == 0
+
+
+def test_stop_strings_never_leak_also_split_across_tokens(tok: Tokenizer) -> None:
+    script = byte_ids(tok, b"xySTOxzSTOPabc")  # "STO" is held back, then released when "x" breaks it
+    model = scripted(tok, script)
+
+    async def go():
+        engine = Engine(model, tok)
+        try:
+            return await collect_all(
+                engine,
+                [
+                    ([5], SamplingParams(max_new_tokens=20, temperature=0.0, stop=("STOP",))),
+                    ([5], SamplingParams(max_new_tokens=20, temperature=0.0, stop=("zz", "zSTO", "STOP"))),
+                    ([5], SamplingParams(max_new_tokens=20, temperature=0.0, stop=["OPa"])),
+                    ([5], SamplingParams(max_new_tokens=5, temperature=0.0, stop=("STOP",))),
+                ],
+            )
+        finally:
+            engine.close()
+
+    (d1, f1), (d2, f2), (d3, f3), (d4, f4) = run(go())
+    assert (f1.reason, f1.text) == ("stop", "xySTOxz")
+    assert [d.text for d in d1] == ["x", "y", "STOx", "z"]  # never a piece of "STOP" that then matched
+    assert (f2.reason, f2.text) == ("stop", "xySTOx")  # the earliest of several stop strings wins
+    assert (f3.reason, f3.text) == ("stop", "xySTOxzST")
+    assert (f4.reason, f4.text) == ("length", "xySTO")  # a held-back prefix is released at the end
+    assert f1.completion_tokens == 11  # every sampled token counts, the stop string's too
+    assert ids_of(d1) == script[:7]  # the tokens whose text is in the completion
+    for deltas, fin in ((d1, f1), (d2, f2), (d3, f3), (d4, f4)):
+        check_consistent(deltas, fin)
+
+
+def test_stop_string_split_inside_multi_character_tokens(tok: Tokenizer) -> None:
+    text = "ROMEO: But soft, what light through yonder window breaks"
+    script = tok.encode(text)
+    pieces = [tok.decode([t]) for t in script]
+    i = next(i for i in range(3, len(pieces)) if len(pieces[i - 1]) >= 2 and len(pieces[i]) >= 2)
+    stop = pieces[i - 1][-2:] + pieces[i][:2]  # straddles the boundary between two BPE tokens
+    expected = text[: text.find(stop)]
+    model = scripted(tok, script)
+
+    async def go():
+        engine = Engine(model, tok)
+        try:
+            params = SamplingParams(max_new_tokens=len(script), temperature=0.0, stop=(stop,))
+            return await engine.submit([5], params).collect()
+        finally:
+            engine.close()
+
+    deltas, fin = run(go())
+    assert (fin.reason, fin.text) == ("stop", expected)
+    assert all(stop not in d.text for d in deltas)
+    check_consistent(deltas, fin)
+
+
+def test_characters_split_across_tokens_are_never_sent_half(tok: Tokenizer) -> None:
+    data = "é€x—🙂".encode()
+    model = scripted(tok, byte_ids(tok, data))
+
+    async def go():
+        engine = Engine(model, tok)
+        try:
+            return await collect_all(
+                engine,
+                [
+                    ([5], SamplingParams(max_new_tokens=len(data), temperature=0.0, logprobs=1)),
+                    ([5], SamplingParams(max_new_tokens=4, temperature=0.0)),  # ends inside "€"
+                ],
+            )
+        finally:
+            engine.close()
+
+    (d1, f1), (d2, f2) = run(go())
+    assert [d.text for d in d1] == ["é", "€", "x", "—", "🙂"]
+    assert all("\ufffd" not in d.text for d in d1)
+    assert [len(d.token_ids) for d in d1] == [2, 3, 1, 3, 4] == [len(d.logprobs) for d in d1]
+    assert f1.text == "é€x—🙂" and f1.completion_tokens == len(data)
+    assert f2.text == "é\ufffd" and f2.reason == "length"  # an unfinished character at the end is replaced
+    check_consistent(d2, f2)
+
+
+def test_eos_ends_a_request_without_its_text(tok: Tokenizer) -> None:
+    script = [*byte_ids(tok, b"ab"), tok.eos_id, *byte_ids(tok, b"c")]
+    model = scripted(tok, script)
+
+    async def go():
+        engine = Engine(model, tok)
+        try:
+            return await engine.submit(
+                [5], SamplingParams(max_new_tokens=10, temperature=0.7, seed=1)
+            ).collect()
+        finally:
+            engine.close()
+
+    deltas, fin = run(go())
+    assert (fin.reason, fin.text, fin.completion_tokens, fin.prompt_tokens) == ("eos", "ab", 3, 1)
+    assert ids_of(deltas) == script[:2]
+    assert fin.time_to_first_token_s is not None and 0 <= fin.time_to_first_token_s <= fin.total_s
+
+
+def test_length_limit_and_zero_tokens(tok: Tokenizer) -> None:
+    model = tiny(tok)
+
+    async def go():
+        engine = Engine(model, tok)
+        try:
+            return await collect_all(
+                engine,
+                [
+                    (tok.encode("KING"), SamplingParams(max_new_tokens=7, temperature=0.0)),
+                    (tok.encode("KING"), SamplingParams(max_new_tokens=0)),
+                    ([], SamplingParams(max_new_tokens=3, temperature=0.0)),  # empty prompt: starts at EOS
+                ],
+            )
+        finally:
+            engine.close()
+
+    (d1, f1), (d2, f2), (d3, f3) = run(go())
+    assert f1.reason == "length" and f1.completion_tokens == 7
+    assert (d2, f2.reason, f2.text, f2.completion_tokens, f2.time_to_first_token_s) == (
+        [],
+        "length",
+        "",
+        0,
+        None,
+    )
+    assert f3.prompt_tokens == 0 and f3.completion_tokens == 3 or f3.reason == "eos"
+
+
+def test_logprobs_are_the_models_distribution(tok: Tokenizer) -> None:
+    model = tiny(tok)
+    prompt = tok.encode("JULIET:")
+
+    async def go():
+        engine = Engine(model, tok)
+        try:
+            return await collect_all(
+                engine,
+                [
+                    (prompt, SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=5)),
+                    (prompt, SamplingParams(max_new_tokens=6, temperature=0.5, seed=2, logprobs=0)),
+                    (prompt, SamplingParams(max_new_tokens=6, temperature=0.0)),
+                ],
+            )
+        finally:
+            engine.close()
+
+    (d1, _), (d2, _), (d3, _) = run(go())
+    lps = [lp for d in d1 for lp in d.logprobs]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt]))[0][0, -1], dim=-1)
+    first = ids_of(d1)[0]
+    assert lps[0].logprob == pytest.approx(float(expected[first]), abs=1e-5)
+    assert lps[0].token == tok.decode([first])
+    for lp in lps:  # greedy: the chosen token is the most likely one, listed first among <= 5 alternatives
+        assert 1 <= len(lp.top) <= 5 and lp.logprob == pytest.approx(max(lp.top.values()))
+        assert list(lp.top.values()) == sorted(lp.top.values(), reverse=True)
+    assert all(lp.top == {} and lp.logprob <= 0 for d in d2 for lp in d.logprobs)
+    assert all(d.logprobs is None for d in d3)
+
+
+def test_cancel_frees_the_row_within_one_step_for_a_waiting_request(tok: Tokenizer) -> None:
+    model = scripted(tok, byte_ids(tok, b"never ending "))  # no EOS: only the cancel stops it
+
+    async def go():
+        engine = Engine(model, tok, max_batch_size=1)
+        try:
+            long = engine.submit(tok.encode("To be"), SamplingParams(max_new_tokens=100_000, temperature=1.0))
+            waiting = engine.submit(tok.encode("or not"), SamplingParams(max_new_tokens=3, temperature=0.0))
+            await long.__aiter__().__anext__()
+            for _ in range(200):  # let it decode a few steps
+                await asyncio.sleep(0.001)
+            step_at_cancel = engine.stats()["decode_steps"]
+            long.cancel()
+            _, fin = await long.collect()
+            await waiting.collect()
+            return long, waiting, step_at_cancel, fin, engine.stats()
+        finally:
+            engine.close()
+
+    long, waiting, step_at_cancel, fin, stats = run(go())
+    assert fin.reason == "cancelled" and 0 < fin.completion_tokens < 100_000
+    assert long.finished_step <= step_at_cancel + 2  # the step in flight, then the next one frees it
+    assert waiting.admitted_step == long.finished_step  # the waiting request takes the row at once
+    assert stats["requests_cancelled"] == 1 and stats["running"] == 0
+
+
+def test_breaking_off_a_stream_cancels_it(tok: Tokenizer) -> None:
+    model = scripted(tok, byte_ids(tok, b"never ending "))
+
+    async def go():
+        engine = Engine(model, tok, max_batch_size=2)
+        try:
+            stream = engine.submit(tok.encode("Now"), SamplingParams(max_new_tokens=100_000, temperature=1.0))
+            async for _ in stream:
+                break
+            await stream.__aiter__().aclose()  # what a server does when the client disconnects
+            for _ in range(500):
+                if engine.stats()["running"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return stream, engine.stats()
+        finally:
+            engine.close()
+
+    stream, stats = run(go())
+    assert stream.cancelled and stats["running"] == 0 and stats["requests_cancelled"] == 1
+
+
+def test_a_full_waiting_queue_raises_engine_full(tok: Tokenizer) -> None:
+    model = tiny(tok)
+
+    async def go():
+        engine = Engine(model, tok, max_batch_size=1, max_waiting=2)
+        streams = []
+        try:
+            with pytest.raises(EngineFull, match="max_waiting"):
+                for _ in range(4):  # at most one has a row, two wait: the fourth at the latest is refused
+                    streams.append(engine.submit([5, 6], SamplingParams(max_new_tokens=50, temperature=0.0)))
+            results = [await s.collect() for s in streams]
+            late = await engine.submit([5], SamplingParams(max_new_tokens=2)).collect()  # room again
+            return results, late
+        finally:
+            engine.close()
+
+    results, late = run(go())
+    assert 2 <= len(results) <= 3 and all(f.reason == "length" for _, f in results)
+    assert late[1].completion_tokens == 2
+
+
+@pytest.mark.parametrize("mode", ["continuous", "none"])
+def test_a_short_request_after_a_long_one_finishes_first_only_when_continuous(
+    tok: Tokenizer, mode: str
+) -> None:
+    model = tiny(tok)
+
+    async def go():
+        engine = Engine(model, tok, max_batch_size=4, mode=mode)
+        try:
+            long = engine.submit(tok.encode("Long"), SamplingParams(max_new_tokens=60, temperature=0.0))
+            await long.__aiter__().__anext__()  # the long one is decoding
+            short = engine.submit(tok.encode("Short"), SamplingParams(max_new_tokens=5, temperature=0.0))
+            await short.collect()
+            await long.collect()
+            return long, short
+        finally:
+            engine.close()
+
+    long, short = run(go())
+    if mode == "continuous":
+        assert short.finished_step < long.finished_step
+        assert short.finished_step - short.admitted_step == 4  # one token per step after the prefill's
+    else:
+        assert short.admitted_step >= long.finished_step and short.finished_step > long.finished_step
+
+
+def test_decode_static_gives_one_slot_per_row_until_each_finishes(tok: Tokenizer) -> None:
+    model = tiny(tok)
+    requests = [(tok.encode(p), params) for p, params in MIXED[:4]]
+    steps = list(decode_static(model, tok, requests))
+    assert all(len(slots) == len(requests) for slots in steps)
+    for row in range(len(requests)):
+        events = [slots[row] for slots in steps]
+        end = next(i for i, e in enumerate(events) if isinstance(e, Finished))
+        assert all(e is None for e in events[end + 1 :])
+        assert all(isinstance(e, (Delta, type(None))) for e in events[:end])
+        deltas = [e for e in events[:end] if e is not None]
+        check_consistent(deltas, events[end])
+    assert len(steps) <= max(p.max_new_tokens for _, p in requests) + 1
+
+    async def alone():  # the same tokens as the engine gives each request alone
+        engine = Engine(model, tok, mode="none")
+        try:
+            return [await engine.submit(ids, params).collect() for ids, params in requests]
+        finally:
+            engine.close()
+
+    for row, (deltas, _) in enumerate(run(alone())):
+        static = [slots[row] for slots in steps if isinstance(slots[row], Delta)]
+        assert ids_of(static) == ids_of(deltas)
+
+
+def test_decode_static_honours_cancel_flags(tok: Tokenizer) -> None:
+    model = tiny(tok)
+    flags = [threading.Event(), threading.Event()]
+    params = SamplingParams(max_new_tokens=20, temperature=0.0)
+    it = decode_static(model, tok, [([5], params), ([6], params)], cancelled=flags)
+    next(it)
+    flags[0].set()
+    slots = next(it)
+    assert isinstance(slots[0], Finished) and slots[0].reason == "cancelled"
+    rest = list(it)
+    assert all(s[0] is None for s in rest) and isinstance(rest[-1][1], Finished)
+    assert list(decode_static(model, tok, [])) == []
+
+
+def test_generation_keeps_going_past_block_size_with_bounded_work(tok: Tokenizer) -> None:
+    model = tiny(tok)
+    n = 5 * BLOCK
+
+    async def go():
+        engine = Engine(model, tok)
+        try:
+            out = await collect_all(engine, [(tok.encode("Hark"), SamplingParams(max_new_tokens=n, seed=0))])
+            return out[0], engine.stats()
+        finally:
+            engine.close()
+
+    (deltas, fin), stats = run(go())
+    assert fin.reason in ("length", "eos")
+    generated = fin.completion_tokens
+    assert stats["decode_tokens"] == generated - 1  # the first token came from the prefill
+    assert stats["windowed"] >= (generated - BLOCK) // BLOCK  # windowed, not cut off
+    # Re-prefill: block/2 - 1 tokens per window, about one token per generated one, never a window per token.
+    assert stats["prefill_tokens"] <= len(tok.encode("Hark")) + stats["windowed"] * (BLOCK // 2 - 1)
+    assert stats["prefill_tokens"] < 1.2 * generated
+
+
+def test_sampling_params_reject_bad_values() -> None:
+    bad = [
+        dict(max_new_tokens=-1),
+        dict(max_new_tokens=1.5),
+        dict(max_new_tokens=3, temperature=-0.1),
+        dict(max_new_tokens=3, temperature=float("nan")),
+        dict(max_new_tokens=3, top_k=-1),
+        dict(max_new_tokens=3, top_p=0.0),
+        dict(max_new_tokens=3, top_p=1.5),
+        dict(max_new_tokens=3, stop=("",)),
+        dict(max_new_tokens=3, logprobs=6),
+        dict(max_new_tokens=3, seed="7"),
+    ]
+    for kwargs in bad:
+        name = [k for k in kwargs if k != "max_new_tokens"] or ["max_new_tokens"]
+        with pytest.raises(ValueError, match=name[0]):
+            SamplingParams(**kwargs)
+    assert SamplingParams(3, stop=["a"]).stop == ("a",)
+
+
+def test_engine_refuses_bad_setup_and_bad_prompts(tok: Tokenizer) -> None:
+    model = tiny(tok)
+    with pytest.raises(ValueError, match="mode"):
+        Engine(model, tok, mode="static")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Engine(model, tok, max_batch_size=0)
+
+    async def go():
+        engine = Engine(model, tok)
+        try:
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                engine.submit([tok.vocab_size], SamplingParams(3))
+        finally:
+            engine.close()
+        with pytest.raises(EngineError, match="closed"):
+            engine.submit([5], SamplingParams(3))
+
+    run(go())
+
+
+def test_unseeded_requests_differ_and_close_cancels_what_is_left(tok: Tokenizer) -> None:
+    model = tiny(tok)
+
+    async def go():
+        engine = Engine(model, tok, max_batch_size=2)
+        a, b = await collect_all(engine, [([5], SamplingParams(30)), ([5], SamplingParams(30))])
+        engine._core.eos_id = -1  # never ends by itself
+        pending = [engine.submit([5], SamplingParams(100_000)) for _ in range(3)]
+        await pending[0].__aiter__().__anext__()
+        engine.close()
+        return a, b, [await s.collect() for s in pending]
+
+    a, b, pending = run(go())
+    assert ids_of(a[0]) != ids_of(b[0])  # a random seed per request
+    assert all(fin.reason == "cancelled" for _, fin in pending)
+
+
+def test_a_failing_model_fails_its_requests_and_the_engine_keeps_serving(tok: Tokenizer) -> None:
+    model = scripted(tok, byte_ids(tok, b"ok"))
+    broken = {"on": True}
+    original = model.forward_rows
+
+    def flaky(*args, **kwargs):
+        if broken["on"]:
+            raise RuntimeError("device lost")
+        return original(*args, **kwargs)
+
+    model.forward_rows = flaky  # type: ignore[method-assign]
+
+    async def go():
+        engine = Engine(model, tok)
+        try:
+            with pytest.raises(EngineError, match="device lost"):
+                await engine.submit([5], SamplingParams(2, temperature=0.0)).collect()
+            broken["on"] = False
+            return await engine.submit([5], SamplingParams(2, temperature=0.0)).collect()
+        finally:
+            engine.close()
+
+    _, fin = run(go())
+    assert fin.text == "ok"

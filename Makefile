@@ -8,7 +8,7 @@ EXP     ?= experiments/tiny.yaml
 ARGS    ?=
 export THP_MEM_ALLOC_ENABLE ?= 1
 
-.PHONY: setup train train-local eval generate data config bench test test-fast lint format mlflow-ui job clean
+.PHONY: setup train train-local scaling eval generate data config bench test test-fast lint format mlflow-ui job clean
 
 setup: $(VENV)/.installed ## create .venv and install lmlab with its dev tools
 
@@ -28,6 +28,9 @@ train: setup ## train the tiny preset for 2 minutes, evaluate it and print a sam
 
 train-local: setup ## the same in this process without Ray (still tracked in MLflow), in runs/<name>-local
 	$(BIN)/lm train --local $(EXP) $(ARGS)
+
+scaling: setup ## iso-time study: the compute-optimal model size per training budget (about 40 min)
+	$(BIN)/lm sweep experiments/scaling.yaml $(ARGS)
 
 data: setup ## prepare the tokenizer and token cache for EXP
 	$(BIN)/lm data prepare --config $(EXP) $(ARGS)

@@ -195,9 +195,17 @@ class BatchDecoder:
     block_size / 2 tokens and at most block_size; the re-prefill (about block_size / 2 tokens once every
     block_size / 2 steps) costs about one extra token per generated token, never a whole window per token.
     The model should be in eval mode (dropout would make rows random); forwards run under inference_mode.
+    ``fixed_shape``: every step runs all max_rows rows over block_size keys (idle rows masked), so a row's
+    logits are bit-identical whatever else is in the batch, at the cost of full-batch work at every step.
     """
 
-    def __init__(self, model: TransformerLM, max_rows: int, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        model: TransformerLM,
+        max_rows: int,
+        device: torch.device | str | None = None,
+        fixed_shape: bool = False,
+    ) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows={max_rows!r} is not allowed: must be >= 1")
         self.model = model
@@ -205,6 +213,7 @@ class BatchDecoder:
         self.block_size = model.cfg.block_size
         self.device = model.tok_emb.weight.device if device is None else torch.device(device)
         self.cache = model.new_row_cache(max_rows, device=self.device)
+        self.fixed_shape = fixed_shape
         self._order: list[int] = []  # handle of each live row, in cache-row order
         self._context: dict[int, list[int]] = {}  # handle -> the tokens in its cache (<= block_size)
         self._free = list(range(max_rows - 1, -1, -1))  # unused handles, smallest last (popped first)
@@ -252,11 +261,20 @@ class BatchDecoder:
                     self._prefill(row, context, last=True)
             context.append(tokens[handle])
         n = len(self._order)
-        idx = torch.tensor([tokens[h] for h in self._order], device=self.device).unsqueeze(1)  # (n, 1)
+        ids = [tokens[h] for h in self._order]
         self.forward_calls += 1
         self.decode_tokens += n
+        if not self.fixed_shape:
+            idx = torch.tensor(ids, device=self.device).unsqueeze(1)  # (n, 1)
+            with torch.inference_mode():
+                return self.model.forward_rows(idx, self.cache, slice(0, n), last_only=True)  # (n, V)
+        # Idle rows decode a dummy token at position 0 and are emptied again: same shapes at every step.
+        idx = torch.tensor(ids + [0] * (self.max_rows - n), device=self.device).unsqueeze(1)  # (max_rows, 1)
         with torch.inference_mode():
-            return self.model.forward_rows(idx, self.cache, slice(0, n), last_only=True)  # (n, V)
+            out = self.model.forward_rows(idx, self.cache, last_only=True, keys=self.block_size)
+        for row in range(n, self.max_rows):
+            self.cache.reset(row)
+        return out[:n]
 
     def release(self, handle: int) -> None:
         """Free ``handle``'s row for a later ``admit``."""

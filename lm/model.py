@@ -92,16 +92,17 @@ class RowKVCache:
         self.lengths[dst] = n
 
     def update(
-        self, layer: int, rows: slice, starts: list[int], k: Tensor, v: Tensor
+        self, layer: int, rows: slice, starts: list[int], k: Tensor, v: Tensor, keys: int | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Store k, v (n, n_head, T, head_dim) of ``layer`` after each row's ``starts``; return the rows' keys
-        and values (n, n_head, S, head_dim), S = max(starts) + T (entries past a row's own end are stale)."""
+        """Store k, v (n, n_head, T, head_dim) of ``layer`` after each row's ``starts``; return the rows' first
+        ``keys`` keys and values (n, n_head, S, head_dim), by default S = max(starts) + T (entries past a row's
+        own end are stale)."""
         T = k.size(2)
-        S = max(starts) + T
+        S = max(starts) + T if keys is None else keys
         ck, cv = self.k[layer][rows], self.v[layer][rows]  # views of the rows' slots
-        if min(starts) == S - T:  # every row at the same position: one slice assignment
-            ck[:, :, S - T : S] = k
-            cv[:, :, S - T : S] = v
+        if min(starts) == max(starts):  # every row at the same position: one slice assignment
+            ck[:, :, starts[0] : starts[0] + T] = k
+            cv[:, :, starts[0] : starts[0] + T] = v
         else:  # (n, 1) rows x (n, T) positions pick (n, T, n_head, head_dim) entries
             pos = torch.tensor(starts, device=k.device).unsqueeze(1) + torch.arange(T, device=k.device)
             row = torch.arange(k.size(0), device=k.device).unsqueeze(1)
@@ -163,7 +164,9 @@ class MultiHeadAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (n, T, C) -> (n, n_head, T, head_dim)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k, v = cache.update(layer, rows, starts, k, v)  # (n, n_head, S, head_dim)
+        k, v = cache.update(
+            layer, rows, starts, k, v, None if mask is None else mask.size(-1)
+        )  # (n, n_head, S, hd)
         causal = mask is None and T > 1
         if self.explicit:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (n, n_head, T, S)
@@ -341,13 +344,19 @@ class TransformerLM(nn.Module):
         )
 
     def forward_rows(
-        self, idx: Tensor, cache: RowKVCache, rows: slice | None = None, last_only: bool = False
+        self,
+        idx: Tensor,
+        cache: RowKVCache,
+        rows: slice | None = None,
+        last_only: bool = False,
+        keys: int | None = None,
     ) -> Tensor:
         """Logits (n, T, V) (or (n, V) with ``last_only``) of new tokens idx (n, T) for cache rows ``rows``
         (default the first n), each following its own ``cache.lengths[r]`` tokens; appends their keys/values.
 
-        A row sees only its own entries, at its own positions, so it decodes exactly as it would alone. Reset a
-        row and pass its prompt to prefill it while other rows keep their state.
+        A row sees only its own entries, at its own positions, so it decodes as it would alone (up to float
+        rounding that depends on the shapes). Reset a row and pass its prompt to prefill it while other rows keep
+        their state. ``keys`` fixes how many cache slots attention spans (masked), for shape-stable results.
         """
         n, T = idx.shape
         rows = slice(0, n) if rows is None else rows
@@ -357,6 +366,12 @@ class TransformerLM(nn.Module):
         if T < 1:
             raise ValueError("forward_rows needs at least one new token per row")
         S = max(starts) + T
+        if keys is not None:
+            if not S <= keys <= self.cfg.block_size:
+                raise ValueError(
+                    f"keys={keys} must be in {S}..{self.cfg.block_size} (the rows' extent .. block_size)"
+                )
+            S = keys
         if S > self.cfg.block_size:
             raise ValueError(
                 f"a row would hold {S} tokens, more than model.block_size={self.cfg.block_size}; "
@@ -367,9 +382,11 @@ class TransformerLM(nn.Module):
         x = torch.add(self.pos_enc.table[pos], self.tok_emb(idx), alpha=self.emb_scale)  # as in _embed
         x = self.drop(x)
         mask = None
-        if max(starts) == 0:
+        if keys is None and max(starts) == 0:
             pass  # a prefill from position 0: plain causal attention, the training path's own kernel
-        elif T > 1 or min(starts) != max(starts):  # query at position p sees keys 0 .. p of its own row
+        elif (
+            keys is not None or T > 1 or min(starts) != max(starts)
+        ):  # query at p sees keys 0 .. p of its row
             mask = (torch.arange(S, device=device) <= pos.unsqueeze(-1)).unsqueeze(1)  # (n, 1, T, S)
         for layer, block in enumerate(self.blocks):
             x = block.forward_rows(x, cache, layer, rows, starts, mask)

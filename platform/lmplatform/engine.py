@@ -194,8 +194,10 @@ class Engine:
     """Continuous batching over one model: ``submit`` from an event loop, decoding in a scheduler thread.
 
     ``mode="continuous"`` admits waiting requests into free rows at every decode step; ``mode="none"`` decodes
-    one request at a time (FIFO), the baseline. The model is put in eval mode; torch's thread count is the
-    caller's to set.
+    one request at a time (FIFO), the baseline. ``exact=True`` runs every decode step at the full batch shape
+    (``BatchDecoder(fixed_shape=True)``), so a request's logits, and so its seeded samples, are bit-identical
+    whatever else is running, for full-batch work at every step. The model is put in eval mode; torch's thread
+    count is the caller's to set.
     """
 
     def __init__(
@@ -206,6 +208,7 @@ class Engine:
         max_batch_size: int = 32,
         max_waiting: int = 256,
         mode: str = "continuous",
+        exact: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not allowed: must be one of {', '.join(MODES)}")
@@ -216,7 +219,7 @@ class Engine:
         self.mode = mode
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
-        self._core = _Core(model, tokenizer, max_batch_size if mode == "continuous" else 1)
+        self._core = _Core(model, tokenizer, max_batch_size if mode == "continuous" else 1, exact)
         self._waiting: collections.deque[_Request] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -360,12 +363,14 @@ class _Request:
 
 
 class _Core:
-    def __init__(self, model: TransformerLM, tokenizer: Tokenizer, max_rows: int) -> None:
+    def __init__(
+        self, model: TransformerLM, tokenizer: Tokenizer, max_rows: int, exact: bool = False
+    ) -> None:
         if model.training:
             model.eval()
         self.model = model
         self.tokenizer = tokenizer
-        self.decoder = BatchDecoder(model, max_rows)
+        self.decoder = BatchDecoder(model, max_rows, fixed_shape=exact)
         self.token_bytes = token_bytes(tokenizer)
         self.eos_id = tokenizer.eos_id
         self.rows: dict[int, _Request] = {}  # handle -> request

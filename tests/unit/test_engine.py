@@ -5,6 +5,7 @@ decode_static's slots, windowing past block_size."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -557,3 +558,25 @@ def test_a_failing_model_fails_its_requests_and_the_engine_keeps_serving(tok: To
 
     _, fin = run(go())
     assert fin.text == "ok"
+
+
+def test_exact_mode_gives_bit_identical_logprobs_alone_or_batched(tok: Tokenizer) -> None:
+    """exact=True: full-batch shapes at every step, so seeded sampling is exact, not just overwhelmingly likely."""
+    model = tiny(tok)
+    requests = [(tok.encode(p), dataclasses.replace(params, logprobs=2)) for p, params in MIXED]
+
+    async def go(together: bool):
+        engine = Engine(model, tok, max_batch_size=4, exact=True)
+        try:
+            if together:
+                return await collect_all(engine, requests)
+            return [await engine.submit(ids, params).collect() for ids, params in requests]
+        finally:
+            engine.close()
+
+    solo, batched = run(go(False)), run(go(True))
+    for (d1, f1), (d2, f2) in zip(solo, batched):
+        assert ids_of(d1) == ids_of(d2) and f1.text == f2.text
+        assert [lp for d in d1 for lp in d.logprobs] == [
+            lp for d in d2 for lp in d.logprobs
+        ]  # floats, exactly

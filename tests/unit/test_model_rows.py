@@ -201,3 +201,22 @@ def test_generation_continues_past_block_size_with_bounded_work() -> None:
     assert dec.prefill_tokens <= 10 + 30 + dec.windowed * keep
     assert dec.prefill_tokens < 1.1 * dec.decode_tokens
     assert dec.forward_calls <= 2 + steps + dec.windowed
+
+
+def test_fixed_shape_rows_are_bit_identical_alone_or_batched() -> None:
+    model = make()
+    prompts = [tokens(3, 1), tokens(9, 2), tokens(20, 3)]
+
+    def run(which: list[int]) -> dict[int, torch.Tensor]:
+        dec = BatchDecoder(model, 4, fixed_shape=True)
+        handles = {dec.admit(prompts[i])[0]: i for i in which}
+        seen = {i: [] for i in which}
+        for step in range(15):  # past block_size for the longest prompt
+            out = dec.step({h: (7 * step + handles[h]) % 300 for h in dec.live})
+            for h, row in zip(dec.live, out):
+                seen[handles[h]].append(row)
+        return {i: torch.stack(v) for i, v in seen.items()}
+
+    together = run([0, 1, 2])
+    for i in range(3):
+        assert torch.equal(run([i])[i], together[i])

@@ -310,9 +310,9 @@ def decode_static(
     requests: list[tuple[list[int], SamplingParams]],
     cancelled: list[threading.Event] | None = None,
 ) -> Iterator[list[Delta | Finished | None]]:
-    """Decode one batch together (rows at different positions): one list per decode step, one slot per row,
-    None when a row has nothing new (text held back, or finished earlier). A row's Finished comes in the list
-    after its last Delta. What the "static" mode's ``@serve.batch`` handler wraps."""
+    """Decode one batch together (rows at different positions): one list per decode step, one slot per row:
+    a Delta (empty when its text is held back this step), then the row's Finished in the list after its last
+    Delta, then None once it has finished. What the "static" mode's ``@serve.batch`` handler wraps."""
     if cancelled is not None and len(cancelled) != len(requests):
         raise ValueError(f"{len(cancelled)} cancel flags for {len(requests)} requests")
     if not requests:
@@ -329,13 +329,23 @@ def decode_static(
 def _static_steps(core: _Core, batch: list[_Request]) -> Iterator[list[Delta | Finished | None]]:
     queues: list[collections.deque[Event]] = [collections.deque() for _ in batch]
     slot = {id(r): i for i, r in enumerate(batch)}
+    done = [False] * len(batch)
     admit = batch
     while admit or core.rows or any(queues):
         if admit or core.rows:
             for request, events in core.step(admit):
                 queues[slot[id(request)]].extend(events)  # type: ignore[arg-type]
             admit = []
-        yield [q.popleft() if q else None for q in queues]
+        out: list[Delta | Finished | None] = []
+        for i, (request, queue) in enumerate(zip(batch, queues)):
+            if queue:
+                out.append(queue.popleft())
+                done[i] = isinstance(out[-1], Finished)
+            else:  # still decoding but nothing to send (held back), or finished in an earlier list
+                out.append(
+                    None if done[i] else Delta("", [], None if request.params.logprobs is None else [])
+                )
+        yield out
 
 
 # ------------------------------------------------------------------------------------------------------------

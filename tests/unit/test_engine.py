@@ -423,9 +423,9 @@ def test_decode_static_gives_one_slot_per_row_until_each_finishes(tok: Tokenizer
     for row in range(len(requests)):
         events = [slots[row] for slots in steps]
         end = next(i for i, e in enumerate(events) if isinstance(e, Finished))
-        assert all(e is None for e in events[end + 1 :])
-        assert all(isinstance(e, (Delta, type(None))) for e in events[:end])
-        deltas = [e for e in events[:end] if e is not None]
+        assert all(e is None for e in events[end + 1 :])  # None only once a row has finished
+        assert all(isinstance(e, Delta) for e in events[:end])
+        deltas = [e for e in events[:end] if e.text or e.token_ids]
         check_consistent(deltas, events[end])
     assert len(steps) <= max(p.max_new_tokens for _, p in requests) + 1
 
@@ -580,3 +580,16 @@ def test_exact_mode_gives_bit_identical_logprobs_alone_or_batched(tok: Tokenizer
         assert [lp for d in d1 for lp in d.logprobs] == [
             lp for d in d2 for lp in d.logprobs
         ]  # floats, exactly
+
+
+def test_decode_static_sends_an_empty_delta_while_text_is_held_back(tok: Tokenizer) -> None:
+    model = scripted(tok, byte_ids(tok, b"xySTOxzSTOPab"))
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, stop=("STOP",))
+    steps = list(decode_static(model, tok, [([5], params), ([5], dataclasses.replace(params, stop=()))]))
+    held = [s[0] for s in steps]
+    assert [d.text for d in held[:8]] == ["x", "y", "", "", "", "STOx", "z", ""]
+    assert held[7].token_ids == [] and held[7].logprobs is None
+    fin = next(e for e in held if isinstance(e, Finished))
+    assert (fin.reason, fin.text) == ("stop", "xySTOxz")
+    assert held.index(fin) == 10 and all(e is None for e in held[11:])
+    assert "".join(s[1].text for s in steps if isinstance(s[1], Delta)) == "xySTOxzSTOPabxySTOxz"

@@ -418,6 +418,55 @@ def load_study(client: MlflowClient, parent_run_id: str) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
 
 
+def size_for_sweep(path: str | Path, overrides: Sequence[str], minutes: float) -> str:
+    """``lm sweep FILE --size-for MINUTES``: the answer from the newest finished study of that sweep YAML (its
+    parent run, found by the sweep's tags, holds scaling.json). Raises ScalingError when there is none."""
+    from lmplatform.sweep_report import ROLE_TAG
+    from lmplatform.tracking import TrackingError, _existing_store, _quote
+    from lmplatform.tune import SWEEP_TAG, load_sweep
+
+    sweep = load_sweep(path, list(overrides))
+    tc = sweep.pcfg.tracking
+    if sweep.pcfg.tune.study != "scaling":
+        raise ScalingError(
+            f"{path} is not a scaling study (tune.study={sweep.pcfg.tune.study!r}, not 'scaling')"
+        )
+    missing = ScalingError(
+        f"no finished scaling study for {path} in {tc.uri} (experiment {tc.experiment!r}, sweep {sweep.path}): "
+        f"run it first with `lm sweep {path}`" + (" (make scaling)" if sweep.name == "scaling" else "")
+    )
+    try:
+        client = _existing_store(str(tc.uri))
+    except TrackingError:
+        raise missing from None
+    experiment = client.get_experiment_by_name(str(tc.experiment))
+    runs = []
+    if experiment is not None:
+        runs = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{SWEEP_TAG}` = '{_quote(sweep.path)}' and tags.`{ROLE_TAG}` = 'sweep'",
+            order_by=["attributes.start_time DESC"],
+        )
+    for run in runs:
+        if any(a.path == STUDY_JSON for a in client.list_artifacts(run.info.run_id)):
+            study = load_study(client, run.info.run_id)
+            return (
+                f"{describe_size_for(study, minutes)}\n(scaling study {sweep.name}, MLflow run {run.info.run_id}: "
+                f"{_budget_list(study)}; the fit, chart and numbers are its {STUDY_PNG} and {STUDY_JSON})"
+            )
+    raise missing
+
+
+def _budget_list(study: Mapping[str, Any]) -> str:
+    budgets = [e for e in study.get("budgets", []) if e.get("optimum_params")]
+    return (
+        "optima "
+        + ", ".join(f"{_fmt_params(e['optimum_params'])} at {_fmt_seconds(e['budget'])}" for e in budgets)
+        if budgets
+        else "no optimum"
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Helpers
 

@@ -87,3 +87,14 @@ def toy_args(corpus_file: Path, data_cache: Path, tmp_path: Path):
         return toy_overrides(corpus_file, data_cache, tmp_path / "run", **extra)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module of toy-shape tests: fastest there, and the VM is shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,13 +28,7 @@ from lm.tokenizer import Tokenizer, train_tokenizer
 BLOCK = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy shapes run fastest on one thread, and the VM is shared (the engine itself never sets threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # toy shapes: one thread is fastest
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from lm.model import TransformerLM
 TINY = ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy shapes run fastest on one thread, and the VM is shared (the engine itself never sets threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # toy shapes: one thread is fastest
 
 
 def make(seed: int = 0, **changes: object) -> TransformerLM:

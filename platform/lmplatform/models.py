@@ -168,7 +168,8 @@ def download_model(ref: str, uri: str, dest: Path | None = None) -> ModelSource:
         except TrackingError as exc:
             raise TrackingError(f"{exc}{_registry_hint(ref)}") from None
         name, version, run_id = found.name, str(found.version), found.run_id
-        where = {"artifact_uri": found.source}
+        # Where its files are: the source itself, or for a models:/<model_id> source the logged model's.
+        where = {"artifact_uri": client.get_model_version_download_uri(found.name, found.version)}
         what = f"{ref} (version {found.version} of run {found.run_id})"
     else:
         run = _find_run(client, ref)

@@ -463,14 +463,28 @@ class RunTracker:
             "lmlab.artifact_path": artifact_path,
             DEV_SPLIT_TAG: dev_split_id(best),
         }
-        version = self.client.create_model_version(
-            name, source=f"{self.artifact_uri}/{artifact_path}", run_id=self.run_id, tags=tags,
-            description=f"{describe_metrics(metrics)} (run {self.run_id})",
-        )  # fmt: skip
-        log.info("registered %s version %s from %s", name, version.version, artifact_path)
+        from lmplatform.pyfunc import register_logged_model
+
+        model = self._log_pyfunc(best, artifact_path)
+        description = f"{describe_metrics(metrics)} (run {self.run_id})"
+        version = register_logged_model(self.uri, name, model, tags, description)
+        log.info("registered %s version %s (%s) of %s", name, version.version, model.model_id, artifact_path)
         _, self.alias_note = update_best_alias(self.client, name)
         log.debug("%s", self.alias_note)  # the launcher prints it in its summary
         return str(version.version)
+
+    def _log_pyfunc(self, best: Path, artifact_path: str) -> Any:
+        """``best`` weights-only as an MLflow Model with a pyfunc flavor (lmplatform.pyfunc): a LoggedModel of
+        this run that ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` load, and Serve too."""
+        from lmplatform.pyfunc import log_pyfunc_model
+
+        step = _read_metrics(best).get("step")
+        with tempfile.TemporaryDirectory(prefix="lmlab-pyfunc-") as tmp:
+            staged = _weights_only_copy(best, Path(tmp) / "checkpoint")
+            return log_pyfunc_model(
+                self.uri, self.run_id, staged, Path(artifact_path).name,
+                step=int(step) if isinstance(step, (int, float)) else 0,
+            )  # fmt: skip
 
 
 def dev_split_id(checkpoint: Path) -> str:

@@ -26,6 +26,7 @@ import math
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -381,7 +382,10 @@ class _Core:
         self.model = model
         self.tokenizer = tokenizer
         self.decoder = BatchDecoder(model, max_rows, fixed_shape=exact)
-        self.token_bytes = token_bytes(tokenizer)
+        # A model may have more ids than its tokenizer (a small corpus stops BPE early): those have no text.
+        self.token_bytes = token_bytes(tokenizer) + [b""] * max(
+            0, model.cfg.vocab_size - tokenizer.vocab_size
+        )
         self.eos_id = tokenizer.eos_id
         self.rows: dict[int, _Request] = {}  # handle -> request
         self.steps = 0
@@ -573,6 +577,16 @@ def _held_back(text: str, emitted: int, stops: tuple[str, ...]) -> int:
 
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
     """The bytes each token id stands for (byte-level BPE: a token may hold part of a UTF-8 character)."""
+    table = _TOKEN_BYTES.get(tokenizer)
+    if table is None:
+        table = _TOKEN_BYTES[tokenizer] = _token_bytes(tokenizer)
+    return table
+
+
+_TOKEN_BYTES: weakref.WeakKeyDictionary[Tokenizer, list[bytes]] = weakref.WeakKeyDictionary()
+
+
+def _token_bytes(tokenizer: Tokenizer) -> list[bytes]:
     byte_of = {c: b for b, c in _bytes_to_unicode().items()}
     hf = tokenizer.hf
     added = {i: t.content for i, t in hf.get_added_tokens_decoder().items()}

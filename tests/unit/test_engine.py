@@ -61,9 +61,9 @@ class ScriptedLM(TransformerLM):
         return logits if last_only else logits.unsqueeze(1).expand(-1, idx.size(1), -1)
 
 
-def scripted(tok: Tokenizer, script: list[int]) -> ScriptedLM:
+def scripted(tok: Tokenizer, script: list[int], extra_ids: int = 0) -> ScriptedLM:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=1, n_head=2, n_embd=32)
+    cfg = ModelConfig(vocab_size=tok.vocab_size + extra_ids, block_size=BLOCK, n_layer=1, n_head=2, n_embd=32)
     return ScriptedLM(cfg, script).eval()
 
 
@@ -587,3 +587,27 @@ def test_decode_static_sends_an_empty_delta_while_text_is_held_back(tok: Tokeniz
     assert (fin.reason, fin.text) == ("stop", "xySTOxz")
     assert held.index(fin) == 10 and all(e is None for e in held[11:])
     assert "".join(s[1].text for s in steps if isinstance(s[1], Delta)) == "xySTOxzSTOPabxySTOxz"
+
+
+def test_token_bytes_spell_out_what_the_tokenizer_decodes(tok: Tokenizer) -> None:
+    text = "ROMEO: naïve café — 🙂 <|endoftext|> done\n"
+    ids = tok.encode(text)
+    table = token_bytes(tok)
+    assert len(table) == tok.vocab_size and token_bytes(tok) is table  # built once per tokenizer
+    assert b"".join(table[i] for i in ids).decode("utf-8") == text == tok.decode(ids)
+    assert table[tok.eos_id] == b"<|endoftext|>"
+
+
+def test_ids_the_tokenizer_lacks_decode_to_nothing(tok: Tokenizer) -> None:
+    model = scripted(tok, [*byte_ids(tok, b"a"), tok.vocab_size + 3, *byte_ids(tok, b"b")], extra_ids=8)
+
+    async def go():
+        engine = Engine(model, tok)
+        try:
+            return await engine.submit([5], SamplingParams(3, temperature=0.0, logprobs=1)).collect()
+        finally:
+            engine.close()
+
+    deltas, fin = run(go())
+    assert fin.text == "ab" and fin.completion_tokens == 3
+    assert ids_of(deltas) == [*byte_ids(tok, b"a"), tok.vocab_size + 3, *byte_ids(tok, b"b")]

@@ -288,7 +288,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_ids", nargs="+", metavar="RUN", help="run ids, unique prefixes, sweep parents")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.set_defaults(handler=cmd_runs_compare)
+    _add_serve_parsers(sub)
     return parser
+
+
+def _add_serve_parsers(sub: argparse._SubParsersAction) -> None:
+    """``lm serve`` and ``lm generate --url`` (the handlers live in lmplatform.serve, imported when used)."""
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP with Ray Serve (OpenAI-compatible completions, streaming, batching)",
+        usage="%(prog)s [options] [CONFIG] [KEY=VALUE ...]",
+        description="Serve MODEL (default: the experiment's models:/lmlab-<name>@best) until Ctrl-C or SIGTERM; "
+        "settings from CONFIG's serve: section (e.g. experiments/serve.yaml) and serve.KEY=VALUE overrides.",
+    )
+    p.add_argument(
+        "config", nargs="?", default=None, help="experiment YAML (default: the built-in tiny preset)"
+    )
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. serve.replicas=2")
+    p.add_argument(
+        "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow run id or a directory"
+    )
+    p.add_argument("--host", help="interface to bind (default serve.host: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, help="TCP port (default serve.port: 8000)")
+    p.add_argument(
+        "--stop", action="store_true", help="stop the lm serve recorded in serve.pid_file, and exit"
+    )
+    p.set_defaults(handler=cmd_serve)
+    p = sub.choices["generate"]
+    for action in p._actions:
+        if action.dest == "checkpoint":
+            action.nargs, action.default = "?", None
+            action.help = f"{action.help} (or --url)"
+    p.add_argument(
+        "--url", help="stream from a running `lm serve` at this URL instead (http://127.0.0.1:8000)"
+    )
+    p.set_defaults(handler=cmd_generate)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``lm serve``: run the Serve application in the foreground; ``--stop`` stops one started elsewhere."""
+    from lmplatform.serve import serve_command
+
+    return serve_command(args)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``lm generate``: from a checkpoint (lm's), or streamed from a running server with ``--url``."""
+    if args.url:
+        from lmplatform.serve import generate_command
+
+        return generate_command(args)
+    if args.checkpoint is None:
+        from lm.checkpoint import CheckpointError
+
+        raise CheckpointError("lm generate needs a CHECKPOINT (a directory, run id or models:/ URI) or --url")
+    return lm_cli.cmd_generate(args)
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:

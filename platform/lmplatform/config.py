@@ -103,10 +103,52 @@ class ServeConfig(Section):
     """Ray Serve: host, port, replicas, threads, batching mode and request limits."""
 
     section: ClassVar[str] = "serve"
-    # SERVE-FIELDS (lmplatform.serve owns this class)
+    host: str = "127.0.0.1"  # loopback unless named: Serve's own config files default to every interface
+    port: int = 8000
+    model: str | None = None  # models:/NAME@ALIAS, models:/NAME/VERSION, a run id or a directory; None: @best
+    device: str = "cpu"  # cpu | cuda (one GPU per replica) | auto
+    replicas: int = 1
+    num_cpus: float = 1.0  # Ray CPUs reserved per replica
+    threads: int | None = None  # torch threads per replica; None: max(1, int(num_cpus))
+    batching: str = field(default="continuous", metadata={"choices": ("none", "static", "continuous")})
+    max_batch_size: int = 16  # rows decoded together per replica
+    batch_wait_timeout_s: float = 0.01  # static batching: how long a batch waits to fill
+    max_prompt_tokens: int | None = None  # None: the model's block_size
+    max_new_tokens: int = 1024  # the largest max_tokens / max_new_tokens a request may ask for
+    max_n: int = 4  # completions per prompt
+    max_stop: int = 4  # stop strings per request
+    max_body_bytes: int = 65536  # larger bodies get 413
+    max_queued_requests: int = 64  # waiting requests per replica beyond the running batch; then backpressure
+    backpressure_status: int = 503  # 503 or 429, with Retry-After
+    retry_after_s: int = 1
+    api_key: str | None = None  # bearer token; None: $LMLAB_API_KEY, unset = no auth
+    app_name: str = "lmlab"
+    route_prefix: str = "/"
+    pid_file: str = "runs/serve.pid"  # where `lm serve` records itself for `lm serve --stop`
 
     def validate(self) -> None:
-        pass
+        check(bool(self.host) and " " not in self.host, "serve.host", self.host, "an address: 127.0.0.1")
+        check(0 < self.port < 65536, "serve.port", self.port, "a TCP port in 1..65535")
+        check(self.device in ("cpu", "cuda", "auto"), "serve.device", self.device, "one of cpu, cuda, auto")
+        check(self.num_cpus >= 0, "serve.num_cpus", self.num_cpus, "must be >= 0")
+        self._positive(
+            "replicas", "threads", "max_batch_size", "max_prompt_tokens", "max_new_tokens", "max_n",
+            "max_body_bytes", "max_queued_requests",
+        )  # fmt: skip
+        wait = self.batch_wait_timeout_s
+        check(wait >= 0, "serve.batch_wait_timeout_s", wait, "must be >= 0")
+        check(self.max_stop >= 0, "serve.max_stop", self.max_stop, "must be >= 0")
+        check(
+            self.backpressure_status in (429, 503),
+            "serve.backpressure_status",
+            self.backpressure_status,
+            "503 (Service Unavailable) or 429 (Too Many Requests)",
+        )
+        check(self.retry_after_s >= 0, "serve.retry_after_s", self.retry_after_s, "must be >= 0 seconds")
+        if self.api_key is not None:
+            check(len(self.api_key) >= 8, "serve.api_key", "<hidden>", "8 characters or more (null: none)")
+        check(self.route_prefix.startswith("/"), "serve.route_prefix", self.route_prefix, "must start with /")
+        check_name(self.app_name, "serve.app_name")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1175 @@
+"""Ray Serve: a trained model behind HTTP, OpenAI-compatible, streaming, batched, safe under bad input and load.
+
+One deployment (:class:`LMServer`, a FastAPI ingress) per replica loads the model (``lmplatform.models``) and
+decodes with :mod:`lmplatform.engine`: ``serve.batching: continuous`` (iteration-level batching, the default),
+``none`` (one request at a time) or ``static`` (Ray's ``@serve.batch`` around ``decode_static``).
+
+Endpoints: ``POST /v1/completions`` (OpenAI completions), ``POST /v1/generate`` (native), ``GET /v1/models``,
+``GET /v1/model``, ``GET /healthz`` and ``GET /metrics`` (Prometheus text, this replica's counters). Every bad
+request gets a 4xx with an OpenAI-style ``{"error": {"message", "type", "param", "code"}}``. ``lm serve`` runs it
+in the foreground (:func:`serve_foreground`); ``lm serve --stop`` stops one started elsewhere (:func:`stop_server`).
+"""
+
+# No `from __future__ import annotations` here: FastAPI resolves a string annotation (`request: Request`) in the
+# endpoint's globals, and serve.ingress's copy of the class keeps only the globals its code uses.
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmplatform.config import ServeConfig
+from lmplatform.train import PlatformError
+
+log = logging.getLogger("lmplatform.serve")
+API_KEY_ENV = "LMLAB_API_KEY"
+_MAX_LOGPROBS = 5  # OpenAI's limit for the completions endpoint
+_MAX_SEED = 2**63 - 1
+_SSE = "text/event-stream"
+# OpenAI fields this server accepts only at their neutral value (it has no penalties, suffixes or best_of).
+_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "suffix": None, "logit_bias": None}
+_COMPLETION_FIELDS = {
+    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
+    "stream_options", "logprobs", "echo", "user", *_NEUTRAL,
+}  # fmt: skip
+_GENERATE_FIELDS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stream"}
+
+
+class ServeError(PlatformError):
+    """The server cannot be started, stopped or reached as asked (port in use, nothing to stop)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Errors and request parsing (pure functions: no Ray, no model)
+
+
+class RequestError(Exception):
+    """A request the server refuses: becomes an OpenAI-style JSON error with ``status``."""
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str = "invalid_value",
+        status: int = 400,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """``{"error": {"message", "type", "param", "code"}}`` as OpenAI and vLLM send it."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        """This error as a JSON response."""
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (from ``serve:``; ``max_prompt_tokens`` defaults to the block size)."""
+
+    max_prompt_tokens: int
+    max_new_tokens: int
+    max_n: int
+    max_stop: int
+    max_body_bytes: int
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A validated request: prompts (text or token ids), sampling settings and how to answer."""
+
+    prompts: list[str | list[int]]
+    sampling: dict[str, Any]  # SamplingParams keyword arguments, without the seed
+    seed: int | None
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    model: str | None = None
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; invalid UTF-8, invalid JSON or a non-object -> 400."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            f"the body is not valid UTF-8 ({exc.reason} at byte {exc.start})", None, "invalid_utf8"
+        ) from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise RequestError(f"the body is not valid JSON ({exc})", None, "invalid_json") from None
+    if not isinstance(data, dict):
+        raise RequestError(f"the body must be a JSON object, got {type(data).__name__}", None, "invalid_json")
+    return data
+
+
+def _type_name(value: Any) -> str:
+    return (
+        "null"
+        if value is None
+        else {bool: "boolean", str: "string", list: "array", dict: "object"}.get(type(value), "number")
+    )
+
+
+def _int(
+    data: dict[str, Any], name: str, default: int | None, lo: int, hi: int, hi_note: str = ""
+) -> int | None:
+    value = data.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RequestError(
+            f"{name} must be an integer, got {_type_name(value)} {value!r}", name, "invalid_type"
+        )
+    if value < lo:
+        raise RequestError(f"{name}={value} is too small: it must be >= {lo}", name)
+    if value > hi:
+        raise RequestError(f"{name}={value} is too large: it must be <= {hi}{hi_note}", name)
+    return value
+
+
+def _float(data: dict[str, Any], name: str, default: float | None) -> float | None:
+    value = data.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise RequestError(
+            f"{name} must be a number, got {_type_name(value)} {value!r}", name, "invalid_type"
+        )
+    if not math.isfinite(value):
+        raise RequestError(f"{name}={value} is not allowed: it must be a finite number", name)
+    return float(value)
+
+
+def _bool(data: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = data.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(
+            f"{name} must be true or false, got {_type_name(value)} {value!r}", name, "invalid_type"
+        )
+    return value
+
+
+def _text(value: Any, param: str) -> str:
+    if not isinstance(value, str):
+        raise RequestError(
+            f"{param} must be a string, got {_type_name(value)} {value!r:.40}", param, "invalid_type"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{param} holds a lone surrogate (not valid Unicode text)", param) from None
+    return value
+
+
+def _sampling(
+    data: dict[str, Any], limits: Limits, tokens_key: str, default_tokens: int, defaults: dict
+) -> dict:
+    """Temperature, top_k, top_p, stop and the token budget, checked; keyword arguments for SamplingParams."""
+    max_new = _int(data, tokens_key, default_tokens, 1, limits.max_new_tokens, " (serve.max_new_tokens)")
+    temperature = _float(data, "temperature", defaults.get("temperature", 1.0))
+    if temperature is not None and temperature < 0:
+        raise RequestError(
+            f"temperature={temperature} is not allowed: it must be >= 0 (0 = greedy)", "temperature"
+        )
+    top_p = _float(data, "top_p", defaults.get("top_p"))
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise RequestError(f"top_p={top_p} is not allowed: it must be in (0, 1]", "top_p")
+    top_k = _int(data, "top_k", defaults.get("top_k"), 0, 2**31 - 1)
+    stop = data.get("stop")
+    stops: tuple[str, ...] = ()
+    if stop is not None:
+        items = [stop] if isinstance(stop, str) else stop
+        if not isinstance(items, list):
+            raise RequestError(
+                f"stop must be a string or an array of strings, got {_type_name(stop)}",
+                "stop",
+                "invalid_type",
+            )
+        if len(items) > limits.max_stop:
+            raise RequestError(
+                f"stop has {len(items)} strings: at most {limits.max_stop} are allowed (serve.max_stop)",
+                "stop",
+            )
+        for item in items:
+            if _text(item, "stop") == "":
+                raise RequestError("stop strings must not be empty", "stop")
+        stops = tuple(items)
+    return {
+        "max_new_tokens": max_new, "temperature": temperature, "top_k": top_k or None,
+        "top_p": None if top_p in (None, 1.0) else top_p, "stop": stops,
+    }  # fmt: skip
+
+
+def _seed(data: dict[str, Any]) -> int | None:
+    return _int(data, "seed", None, 0, _MAX_SEED)
+
+
+def _prompts(value: Any, vocab_size: int) -> list[str | list[int]]:
+    """A prompt as OpenAI takes it: a string, an array of strings, token ids or arrays of token ids."""
+    if value is None:
+        raise RequestError("prompt is required", "prompt", "missing_required_parameter")
+    if isinstance(value, str):
+        return [_text(value, "prompt")]
+    if not isinstance(value, list) or not value:
+        raise RequestError(
+            f"prompt must be a string or a non-empty array (of strings or token ids), got {_type_name(value)}",
+            "prompt",
+            "invalid_type",
+        )
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        value = [value]
+    out: list[str | list[int]] = []
+    for item in value:
+        if isinstance(item, list):
+            if not item or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in item
+            ):
+                raise RequestError(f"prompt token ids must be integers in [0, {vocab_size})", "prompt")
+            out.append(item)
+        else:
+            out.append(_text(item, "prompt"))
+    return out
+
+
+def _unknown(data: dict[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(data) - allowed)
+    if extra:
+        raise RequestError(
+            f"unknown field {extra[0]!r} for {where} (allowed: {', '.join(sorted(allowed))})",
+            extra[0],
+            "unknown_field",
+        )
+
+
+def parse_completion(data: dict[str, Any], limits: Limits, vocab_size: int) -> ParsedRequest:
+    """POST /v1/completions: the OpenAI completions shape (plus ``top_k``), validated against ``limits``."""
+    _unknown(data, _COMPLETION_FIELDS, "/v1/completions")
+    for name, neutral in _NEUTRAL.items():
+        value = data.get(name)
+        if value is not None and value != neutral and not (name == "logit_bias" and value == {}):
+            raise RequestError(
+                f"{name}={value!r} is not supported by this server", name, "unsupported_parameter"
+            )
+    model = data.get("model")
+    if model is not None:
+        _text(model, "model")
+    prompts = _prompts(data.get("prompt"), vocab_size)
+    sampling = _sampling(data, limits, "max_tokens", 16, {})
+    logprobs = _int(data, "logprobs", None, 0, _MAX_LOGPROBS)
+    sampling["logprobs"] = logprobs
+    n = _int(data, "n", 1, 1, limits.max_n, " (serve.max_n)")
+    assert n is not None
+    if len(prompts) * n > limits.max_n * 8:
+        raise RequestError(
+            f"{len(prompts)} prompts x n={n} is too many completions for one request", "prompt"
+        )
+    stream = _bool(data, "stream")
+    options = data.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise RequestError("stream_options must be an object", "stream_options", "invalid_type")
+        if not stream:
+            raise RequestError("stream_options is only allowed with stream=true", "stream_options")
+        _unknown(options, {"include_usage", "continuous_usage_stats"}, "stream_options")
+        include_usage = _bool(options, "include_usage")
+    if data.get("user") is not None:
+        _text(data["user"], "user")
+    return ParsedRequest(prompts, sampling, _seed(data), n, stream, include_usage, _bool(data, "echo"), model)
+
+
+def parse_generate(data: dict[str, Any], limits: Limits, defaults: dict[str, Any]) -> ParsedRequest:
+    """POST /v1/generate: one prompt string; unknown fields are refused; sampling defaults from the experiment."""
+    _unknown(data, _GENERATE_FIELDS, "/v1/generate")
+    if "prompt" not in data:
+        raise RequestError("prompt is required", "prompt", "missing_required_parameter")
+    prompt = _text(data["prompt"], "prompt")
+    default_tokens = min(int(defaults.get("max_new_tokens", 64)), limits.max_new_tokens)
+    sampling = _sampling(data, limits, "max_new_tokens", default_tokens, defaults)
+    sampling["logprobs"] = None
+    return ParsedRequest([prompt], sampling, _seed(data), stream=_bool(data, "stream"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+class Metrics:
+    """This replica's Prometheus counters, served at GET /metrics (scrape each replica, or run one)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()  # one per replica: the default registry is process-global
+        r = self.registry
+        self.requests = Counter(
+            "lmlab_requests", "HTTP requests answered", ["endpoint", "status"], registry=r
+        )
+        self.errors = Counter(
+            "lmlab_request_errors", "Requests answered with 4xx/5xx", ["status"], registry=r
+        )
+        self.prompt_tokens = Counter("lmlab_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.completion_tokens = Counter("lmlab_completion_tokens", "Tokens generated", registry=r)
+        self.queue = Gauge("lmlab_queue_length", "Requests waiting for a batch row", registry=r)
+        self.running = Gauge("lmlab_running_requests", "Requests decoding now", registry=r)
+        self.occupancy = Gauge("lmlab_batch_occupancy", "Running rows / serve.max_batch_size", registry=r)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.ttft = Histogram(
+            "lmlab_time_to_first_token_seconds", "Request start to first token", buckets=buckets, registry=r
+        )
+        self.latency = Histogram(
+            "lmlab_request_duration_seconds",
+            "Request start to last byte",
+            ["endpoint"],
+            buckets=buckets,
+            registry=r,
+        )
+
+    def answered(self, endpoint: str, status: int, seconds: float) -> None:
+        """Count one answered request."""
+        self.requests.labels(endpoint, str(status)).inc()
+        if status >= 400:
+            self.errors.labels(str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def finished(self, fin: Any) -> None:
+        """Count one finished completion's tokens and time to first token."""
+        self.prompt_tokens.inc(fin.prompt_tokens)
+        self.completion_tokens.inc(fin.completion_tokens)
+        if fin.time_to_first_token_s is not None:
+            self.ttft.observe(fin.time_to_first_token_s)
+
+    def render(self, stats: dict[str, float], max_batch_size: int) -> bytes:
+        """Prometheus text exposition, with the engine's queue and batch gauges as of now."""
+        from prometheus_client import generate_latest
+
+        self.queue.set(stats.get("waiting", 0))
+        self.running.set(stats.get("running", 0))
+        self.occupancy.set(stats.get("occupancy", stats.get("running", 0) / max(1, max_batch_size)))
+        return generate_latest(self.registry)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The deployment
+
+
+app = FastAPI(title="lmlab", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths and methods in the same JSON error shape as everything else."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return RequestError(
+        f"{request.method} {request.url.path}: {exc.detail}", None, code, exc.status_code
+    ).response()
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What each replica needs to build itself (picklable: Serve ships it to the replicas)."""
+
+    serve: ServeConfig
+    model_ref: str | None
+    tracking_uri: str
+    experiment: str
+    api_key: str | None
+
+
+class _StaticStream:
+    """One request in ``batching: static``: an async iterator over its slot of a ``@serve.batch`` batch."""
+
+    def __init__(self, server: "LMServer", prompt_ids: list[int], params: Any) -> None:
+        self.cancelled = threading.Event()
+        self._events = server._static_batch((prompt_ids, params, self.cancelled))
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._events
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    async def collect(self) -> tuple[list[Any], Any]:
+        deltas = []
+        async for event in self._events:
+            if hasattr(event, "reason"):
+                return deltas, event
+            deltas.append(event)
+        raise RuntimeError("static batch ended without a Finished event")
+
+
+def _sse_line(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+
+
+def _finish(reason: str) -> str:
+    """Our finish reasons in OpenAI's words: eos and stop strings are both "stop"."""
+    return "length" if reason == "length" else "stop"
+
+
+def _choice(index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _logprobs(items: list[Any], offset: int) -> dict[str, Any]:
+    """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for lp in items:
+        out["tokens"].append(lp.token)
+        out["token_logprobs"].append(lp.logprob)
+        out["top_logprobs"].append(dict(lp.top))
+        out["text_offset"].append(offset)
+        offset += len(lp.token)
+    return out
+
+
+async def _merge(streams: list[Any]) -> AsyncIterator[tuple[int, Any]]:
+    """Events of several request streams as they come, tagged with the stream's position."""
+    if len(streams) == 1:
+        async for event in streams[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: Any) -> None:
+        try:
+            async for event in stream:
+                await queue.put((i, event))
+        except Exception as exc:
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, event = await queue.get()
+            if event is done:
+                left -= 1
+            elif isinstance(event, Exception):
+                raise event
+            else:
+                yield i, event
+    finally:
+        for s in streams:
+            s.cancel()
+        for t in tasks:
+            t.cancel()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading the model and building the application
+
+
+def load_model(ref: str | None, tracking_uri: str, experiment: str, device: str = "cpu") -> Any:
+    """The model to serve: ``lmplatform.models.load_served_model`` (registry alias, run id or directory)."""
+    from lmplatform.models import load_served_model
+
+    return load_served_model(ref, tracking_uri, experiment, device)
+
+
+# The deployment comes after every helper it calls: serve.ingress copies the class when it is defined, with
+# the module globals that exist at that moment.
+@serve.deployment(name="LMServer")
+@serve.ingress(app)
+class LMServer:
+    """One replica: the model, its decoding engine (or static batches), limits, auth and metrics."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        import torch
+
+        from lmplatform.engine import Engine
+
+        cfg = settings.serve
+        self.cfg = cfg
+        self.api_key = settings.api_key
+        torch.set_num_threads(cfg.threads or max(1, int(cfg.num_cpus)))
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.served = load_model(settings.model_ref, settings.tracking_uri, settings.experiment, device)
+        self.tokenizer = self.served.tokenizer
+        self.name = str(self.served.info.get("name") or settings.experiment)
+        block = self.served.cfg.model.block_size
+        self.limits = Limits(
+            cfg.max_prompt_tokens or block, cfg.max_new_tokens, cfg.max_n, cfg.max_stop, cfg.max_body_bytes
+        )
+        s = self.served.cfg.sample
+        self.defaults = {
+            "temperature": s.temperature,
+            "top_k": s.top_k,
+            "top_p": s.top_p,
+            "max_new_tokens": s.max_new_tokens,
+        }
+        self.metrics = Metrics()
+        self.engine = None
+        self._static_rows = 0
+        if cfg.batching == "static":
+            self._static_batch.set_max_batch_size(cfg.max_batch_size)
+            self._static_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        else:
+            self.engine = Engine(
+                self.served.model, self.tokenizer, max_batch_size=cfg.max_batch_size,
+                max_waiting=cfg.max_queued_requests, mode=cfg.batching,
+            )  # fmt: skip
+        log.info("replica ready: %s (%s batching, %s)", self.name, cfg.batching, device)
+
+    def __del__(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            with contextlib.suppress(Exception):
+                self.engine.close()
+
+    # -- plumbing ------------------------------------------------------------------------------------------
+
+    def _stats(self) -> dict[str, float]:
+        if self.engine is not None:
+            return dict(self.engine.stats())
+        return {"waiting": 0, "running": self._static_rows, "max_batch_size": self.cfg.max_batch_size}
+
+    def _check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise RequestError(
+                "missing or wrong API key: send the header 'Authorization: Bearer <serve.api_key>'",
+                None, "invalid_api_key", 401, "authentication_error", {"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
+
+    async def _read_json(self, request: Request) -> dict[str, Any]:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_big = RequestError(
+            f"the body is larger than {limit} bytes (serve.max_body_bytes)", None, "request_too_large", 413
+        )
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return parse_json(b"".join(chunks))
+
+    async def _answer(self, endpoint: str, request: Request, handler: Any, body: bool = True) -> Response:
+        """Auth, body, handler; every refusal as a JSON error; count the outcome."""
+        start = time.perf_counter()
+        try:
+            self._check_auth(request)
+            response = await handler(await self._read_json(request), start) if body else await handler()
+        except RequestError as exc:
+            response = exc.response()
+        except Exception as exc:  # a bug, not the client's fault: still JSON, still counted
+            log.exception("%s failed", endpoint)
+            response = RequestError(
+                f"internal error: {type(exc).__name__}: {exc}", None, "internal_error", 500, "server_error"
+            ).response()
+        if not isinstance(response, StreamingResponse):  # a stream counts itself when it ends
+            self.metrics.answered(endpoint, response.status_code, time.perf_counter() - start)
+        return response
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens: at most {self.limits.max_prompt_tokens} are allowed "
+                "(serve.max_prompt_tokens)",
+                "prompt",
+                "context_length_exceeded",
+            )
+        return ids or [
+            self.tokenizer.eos_id
+        ]  # an empty prompt starts from end-of-text, as `lm generate` does
+
+    def _open(self, prompt_ids: list[int], params: Any) -> Any:
+        from lmplatform.engine import EngineFull
+
+        if self.engine is None:
+            return _StaticStream(self, prompt_ids, params)
+        try:
+            return self.engine.submit(prompt_ids, params)
+        except EngineFull as exc:
+            cfg = self.cfg
+            raise RequestError(
+                f"the server is busy ({exc}); retry after {cfg.retry_after_s}s", None, "server_busy",
+                cfg.backpressure_status, "server_busy", {"Retry-After": str(cfg.retry_after_s)},
+            ) from None  # fmt: skip
+
+    def _streams(self, req: ParsedRequest) -> list[tuple[int, str | list[int], Any]]:
+        """Open one stream per (prompt, choice): index, prompt, stream. On a refusal, cancel the ones opened."""
+        from lmplatform.engine import SamplingParams
+
+        encoded = [(p, self._encode(p)) for p in req.prompts]  # every prompt checked before any is submitted
+        opened: list[tuple[int, str | list[int], Any]] = []
+        try:
+            for i, (prompt, ids) in enumerate(encoded):
+                for j in range(req.n):
+                    seed = None if req.seed is None else (req.seed + j) % (_MAX_SEED + 1)
+                    params = SamplingParams(seed=seed, **req.sampling)
+                    opened.append((i * req.n + j, prompt, self._open(ids, params)))
+        except BaseException:
+            for _, _, s in opened:
+                s.cancel()
+            raise
+        return opened
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise RequestError(
+                f"model {model!r} does not exist here: this server serves {self.name!r} (GET /v1/models)",
+                "model", "model_not_found", 404,
+            )  # fmt: skip
+
+    # -- static batching -----------------------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # both reset from serve: in __init__
+    async def _static_batch(
+        self, items: list[tuple[list[int], Any, threading.Event]]
+    ) -> AsyncIterator[list[Any]]:
+        """Ray's static batching: one batch decoded together to its end; one list of events per step."""
+        from lmplatform.engine import decode_static
+
+        steps = decode_static(
+            self.served.model, self.tokenizer, [(ids, p) for ids, p, _ in items], [c for _, _, c in items]
+        )
+        self._static_rows += len(items)
+        try:
+            while True:
+                step = await asyncio.to_thread(next, steps, None)  # torch off the event loop
+                if step is None:
+                    return
+                yield [StopIteration if event is None else event for event in step]
+        finally:
+            self._static_rows -= len(items)
+
+    # -- endpoints -----------------------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> Response:
+        """Liveness, open even with auth on."""
+        return JSONResponse({"status": "ok", "model": self.name})
+
+    @app.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text format: requests, errors by status, tokens, queue, batch occupancy, TTFT."""
+
+        async def render() -> Response:
+            body = self.metrics.render(self._stats(), self.cfg.max_batch_size)
+            return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+        return await self._answer("metrics", request, render, body=False)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        """OpenAI's model list: the one model this server serves."""
+
+        async def listing() -> Response:
+            created = int(self.served.info.get("created", time.time()))
+            item = {"id": self.name, "object": "model", "created": created, "owned_by": "lmlab"}
+            return JSONResponse({"object": "list", "data": [item]})
+
+        return await self._answer("models", request, listing, body=False)
+
+    @app.get("/v1/model")
+    async def model(self, request: Request) -> Response:
+        """The served model: source, run id, registry version, metrics, config; the batching settings and stats."""
+        from lm.config import to_dict
+
+        async def describe() -> Response:
+            info = {k: v for k, v in self.served.info.items() if k != "created"}
+            c = self.cfg
+            serving = {
+                "batching": c.batching, "max_batch_size": c.max_batch_size, "replicas": c.replicas,
+                "limits": dataclasses.asdict(self.limits), "engine": self._stats(),
+            }  # fmt: skip
+            body = {**info, "id": self.name, "config": to_dict(self.served.cfg), "serving": serving}
+            return JSONResponse(json.loads(json.dumps(body, default=str)))
+
+        return await self._answer("model", request, describe, body=False)
+
+    @app.post("/v1/generate")
+    async def generate(self, request: Request) -> Response:
+        """Native shape: prompt, sampling settings -> text, tokens, finish_reason, usage, timing (or SSE)."""
+        return await self._answer("generate", request, self._generate)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        """OpenAI completions: what the official ``openai`` client's ``completions.create`` sends."""
+        return await self._answer("completions", request, self._completions)
+
+    # -- /v1/generate --------------------------------------------------------------------------------------
+
+    async def _generate(self, data: dict[str, Any], start: float) -> Response:
+        req = parse_generate(data, self.limits, self.defaults)
+        ((_, _, stream),) = self._streams(req)
+        if req.stream:
+            return await self._sse("generate", start, self._generate_events(stream), [stream])
+        try:
+            deltas, fin = await stream.collect()
+        finally:
+            stream.cancel()  # a no-op when it finished; frees the row when this request was cancelled
+        self.metrics.finished(fin)
+        tokens = [t for d in deltas for t in d.token_ids]
+        return JSONResponse({"model": self.name, "text": fin.text, "tokens": tokens, **self._summary(fin)})
+
+    @staticmethod
+    def _summary(fin: Any) -> dict[str, Any]:
+        total = fin.prompt_tokens + fin.completion_tokens
+        return {
+            "finish_reason": fin.reason,
+            "usage": {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens, "total_tokens": total},
+            "timing": {
+                "time_to_first_token_s": fin.time_to_first_token_s, "total_s": fin.total_s,
+                "tokens_per_s": fin.completion_tokens / fin.total_s if fin.total_s else None,
+            },
+        }  # fmt: skip
+
+    async def _generate_events(self, stream: Any) -> AsyncIterator[dict[str, Any]]:
+        async for event in stream:
+            if hasattr(event, "reason"):
+                self.metrics.finished(event)
+                yield self._summary(event)
+                return
+            yield {"text": event.text, "tokens": list(event.token_ids)}
+
+    # -- /v1/completions -----------------------------------------------------------------------------------
+
+    async def _completions(self, data: dict[str, Any], start: float) -> Response:
+        req = parse_completion(data, self.limits, self.served.cfg.model.vocab_size)
+        self._check_model(req.model)
+        opened = self._streams(req)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            events = self._completion_chunks(req, opened, rid, created)
+            return await self._sse("completions", start, events, [s for _, _, s in opened])
+        try:
+            results = await asyncio.gather(*(s.collect() for _, _, s in opened))
+        finally:
+            for _, _, s in opened:
+                s.cancel()
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for (index, prompt, _), (deltas, fin) in zip(opened, results):
+            self.metrics.finished(fin)
+            completion_tokens += fin.completion_tokens
+            if index % req.n == 0:
+                prompt_tokens += fin.prompt_tokens
+            echo = self._echo_text(prompt) if req.echo else ""
+            logprobs = (
+                _logprobs([lp for d in deltas for lp in d.logprobs or []], len(echo))
+                if req.sampling["logprobs"] is not None
+                else None
+            )
+            choices.append(
+                {
+                    "text": echo + fin.text,
+                    "index": index,
+                    "logprobs": logprobs,
+                    "finish_reason": _finish(fin.reason),
+                }
+            )
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.name,
+                "choices": choices,
+                "usage": usage,
+            }
+        )
+
+    def _echo_text(self, prompt: str | list[int]) -> str:
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+
+    async def _completion_chunks(
+        self, req: ParsedRequest, opened: list[tuple[int, str | list[int], Any]], rid: str, created: int
+    ) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI stream chunks: text per choice as it comes, a finish_reason chunk per choice, then usage."""
+        head = {"id": rid, "object": "text_completion", "created": created, "model": self.name}
+        usage_field = {"usage": None} if req.include_usage else {}
+        want_logprobs = req.sampling["logprobs"] is not None
+        offsets = {index: 0 for index, _, _ in opened}
+        if req.echo:
+            for index, prompt, _ in opened:
+                text = self._echo_text(prompt)
+                offsets[index] = len(text)
+                yield {**head, "choices": [_choice(index, text, None, None)], **usage_field}
+        prompt_tokens = completion_tokens = 0
+        async for i, event in _merge([s for _, _, s in opened]):
+            index, _, _ = opened[i]
+            if hasattr(event, "reason"):
+                self.metrics.finished(event)
+                completion_tokens += event.completion_tokens
+                prompt_tokens += event.prompt_tokens if index % req.n == 0 else 0
+                yield {**head, "choices": [_choice(index, "", None, _finish(event.reason))], **usage_field}
+                continue
+            lp = _logprobs(event.logprobs or [], offsets[index]) if want_logprobs else None
+            offsets[index] += len(event.text)
+            yield {**head, "choices": [_choice(index, event.text, lp, None)], **usage_field}
+        if req.include_usage:
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
+            yield {**head, "choices": [], "usage": usage}
+
+    # -- server-sent events --------------------------------------------------------------------------------
+
+    async def _sse(
+        self, endpoint: str, start: float, events: AsyncIterator[dict[str, Any]], streams: list[Any]
+    ) -> Response:
+        """A text/event-stream whose status is decided by its first event: an error before it is a JSON error,
+        one after it an ``error`` event (never a silently truncated 200); ``data: [DONE]`` ends it."""
+        try:
+            first = await events.__anext__()
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            raise
+
+        async def body() -> AsyncIterator[bytes]:
+            status = 200
+            try:
+                yield _sse_line(first)
+                async for event in events:
+                    yield _sse_line(event)
+            except Exception as exc:  # after the first byte the status is sent: tell the client in-band
+                log.exception("%s stream failed", endpoint)
+                status = 500
+                error = RequestError(
+                    f"internal error: {type(exc).__name__}: {exc}",
+                    None,
+                    "internal_error",
+                    500,
+                    "server_error",
+                )
+                yield _sse_line(error.body())
+            finally:
+                for s in streams:
+                    s.cancel()  # a disconnected client's rows are freed here (CancelledError at an await)
+                with contextlib.suppress(Exception):
+                    await events.aclose()
+                self.metrics.answered(endpoint, status, time.perf_counter() - start)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type=_SSE, headers={"Cache-Control": "no-cache"})
+
+
+def build_app(settings: ServerSettings) -> serve.Application:
+    """The Serve application: replicas, CPUs/GPUs, request caps and backpressure from ``serve:``."""
+    cfg = settings.serve
+    # Engine modes queue inside the replica (EngineFull -> our JSON 503/429): let a burst reach it, keeping Serve's
+    # own queue (same status, plain-text body) as a backstop. Static mode queues in Serve: at most one batch in
+    # flight per replica, the rest in Serve's bounded queue.
+    if cfg.batching == "static":
+        ongoing, queued = cfg.max_batch_size, cfg.max_queued_requests
+    else:
+        ongoing = cfg.max_batch_size + cfg.max_queued_requests
+        queued = ongoing * cfg.replicas
+    actor: dict[str, Any] = {"num_cpus": cfg.num_cpus}
+    if cfg.device == "cuda":
+        actor["num_gpus"] = 1
+    deployment = LMServer.options(
+        num_replicas=cfg.replicas,
+        ray_actor_options=actor,
+        max_ongoing_requests=ongoing + 4,  # + room for /healthz and /metrics
+        max_queued_requests=queued,
+        backpressure_config={"status_code": cfg.backpressure_status, "retry_after_s": cfg.retry_after_s},
+    )
+    return deployment.bind(settings)
+
+
+def resolve_api_key(cfg: ServeConfig) -> str | None:
+    """``serve.api_key``, else ``$LMLAB_API_KEY``, else None (no auth)."""
+    key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
+    if key is not None and len(key) < 8:
+        from lm.config import ConfigError
+
+        raise ConfigError(f"{API_KEY_ENV} is too short: use 8 characters or more")
+    return key
+
+
+def model_ref(ref: str | None) -> str | None:
+    """A directory made absolute (replicas run in other directories); registry URIs and run ids as given."""
+    if ref is not None and not ref.startswith("models:/") and Path(ref).expanduser().exists():
+        return str(Path(ref).expanduser().resolve())
+    return ref
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `lm serve`: the foreground server, its pid file and `--stop`
+
+
+def serve_command(args: Any) -> int:
+    """``lm serve [CONFIG] [overrides] [--model] [--host] [--port] [--stop]``."""
+    from lmplatform.config import load_platform_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():  # `lm serve serve.port=9000`
+        config, overrides = None, [config, *overrides]
+    _, pcfg = load_platform_config(config, overrides)
+    flags = {"model": args.model, "host": args.host, "port": args.port}
+    scfg = dataclasses.replace(
+        pcfg.serve, **{k: v for k, v in flags.items() if v is not None}
+    )  # validated again
+    scfg = dataclasses.replace(scfg, pid_file=str(Path(scfg.pid_file).expanduser().resolve()))
+    if args.stop:
+        print(stop_server(scfg.pid_file))
+        return 0
+    tr = pcfg.tracking
+    settings = ServerSettings(
+        scfg, model_ref(scfg.model), tr.uri or "", tr.experiment or "", resolve_api_key(scfg)
+    )
+    return serve_foreground(settings, pcfg.ray.address)
+
+
+def generate_command(args: Any) -> int:
+    """``lm generate --url URL``: stream samples from a running server (auth from $LMLAB_API_KEY)."""
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        stream_from_server(
+            args.url, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+            args.seed + i, os.environ.get(API_KEY_ENV),
+        )  # fmt: skip
+    return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail at once with the fix when ``host:port`` is taken (Serve's proxy would only log it and retry)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ServeError(
+                f"serve.port={port} on {host} is not available ({exc.strerror}): pass --port, or stop the server "
+                "there (`lm serve --stop`)"
+            ) from None
+
+
+def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn: Any = print) -> int:
+    """Start Ray and Serve, deploy, print how to call it, and block until SIGINT/SIGTERM; then shut it all down.
+
+    Without ``ray.address`` / RAY_ADDRESS this starts its own local Ray and stops it on exit; on a cluster it
+    joins, it deletes only its own application.
+    """
+    import ray
+
+    cfg = settings.serve
+    check_port_free(cfg.host, cfg.port)
+    served = load_model(
+        settings.model_ref, settings.tracking_uri, settings.experiment, "cpu"
+    )  # fail fast, here
+    name = served.info.get("name") or settings.experiment
+    where = ray_address or os.environ.get("RAY_ADDRESS")
+    own_cluster = not where or where == "local"
+    stop = _Stop()
+    pid_file = Path(cfg.pid_file)
+    ray.init(
+        address=where or "local",
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        logging_config=ray.LoggingConfig(log_level="ERROR"),
+    )
+    try:
+        _on_signals(stop)  # after ray.init, which installs its own SIGTERM handler
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(build_app(settings), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")
+        url = f"http://{_url_host(cfg.host)}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+        auth = ' -H "Authorization: Bearer $LMLAB_API_KEY"' if settings.api_key else ""
+        print_fn(f"serving {name} ({served.info.get('source') or settings.model_ref}) at {url}", flush=True)
+        print_fn(f"  {cfg.batching} batching, {cfg.replicas} replica(s), max batch {cfg.max_batch_size}"
+                 f"{', bearer auth on' if settings.api_key else ''}; Ctrl-C or `lm serve --stop` stops it", flush=True)  # fmt: skip
+        print_fn(
+            f"  curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+            f"""-d '{{"model": "{name}", "prompt": "ROMEO:", "max_tokens": 32}}'""",
+            flush=True,
+        )
+        while not stop.event.wait(0.5):
+            pass
+        print_fn(f"lm serve: {stop.reason}: shutting Serve and Ray down", flush=True)
+    finally:
+        with contextlib.suppress(Exception):
+            if own_cluster:
+                serve.shutdown()
+            else:
+                serve.delete(cfg.app_name)
+        ray.shutdown()
+        with contextlib.suppress(OSError):
+            if pid_file.read_text().strip() == str(os.getpid()):
+                pid_file.unlink()
+    return 0
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM; remembers which."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reason = "stopped"
+
+
+def _on_signals(stop: _Stop) -> None:
+    """SIGINT/SIGTERM set ``stop``; a second one acts as it would without us (Ctrl-C twice aborts)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        for s in previous:
+            signal.signal(s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler)
+        stop.reason = signal.Signals(signum).name
+        stop.event.set()
+
+    for s in previous:
+        signal.signal(s, handler)
+
+
+def stop_server(pid_file: str | Path, timeout: float = 60.0) -> str:
+    """Send SIGTERM to the ``lm serve`` recorded in ``pid_file`` and wait for it to exit; a message."""
+    path = Path(pid_file)
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        raise ServeError(
+            f"no server to stop: {path} does not exist or holds no pid (was it started with lm serve?)"
+        ) from None
+    if not _is_lm_serve(pid):
+        path.unlink(missing_ok=True)
+        raise ServeError(
+            f"no server to stop: process {pid} from {path} is not running lm serve (stale file removed)"
+        )
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _is_lm_serve(pid):
+            return f"stopped lm serve (pid {pid})"
+        time.sleep(0.2)
+    raise ServeError(
+        f"lm serve (pid {pid}) did not exit within {timeout:.0f}s of SIGTERM; kill -INT {pid} again"
+    )
+
+
+def _is_lm_serve(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True  # no /proc (macOS): trust the pid file
+    if "\nState:\tZ" in status:
+        return False
+    return b"serve" in cmdline
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `lm generate --url`: a streaming client for a running server
+
+
+def stream_from_server(
+    url: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+    seed: int | None, api_key: str | None = None, out: Any = None, timeout: float = 300.0,
+) -> dict[str, Any]:  # fmt: skip
+    """POST /v1/generate with ``stream: true``, write the text as it arrives; returns the final event."""
+    import urllib.error
+    import urllib.request
+
+    out = out or sys.stdout
+    body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature, "stream": True}
+    body.update({k: v for k, v in {"top_k": top_k, "top_p": top_p, "seed": seed}.items() if v is not None})
+    headers = {"Content-Type": "application/json", "Accept": _SSE}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(
+        url.rstrip("/") + "/v1/generate", json.dumps(body).encode(), headers, method="POST"
+    )
+    final: dict[str, Any] = {}
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            out.write(prompt)
+            for raw in response:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data: ") :])
+                if "error" in event:
+                    raise ServeError(f"{url}: the server failed mid-stream: {event['error'].get('message')}")
+                if "finish_reason" in event:
+                    final = event
+                else:
+                    out.write(event["text"])
+                    out.flush()
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        raise ServeError(f"{url}: HTTP {exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ServeError(f"cannot reach {url} ({reason}): is `lm serve` running there?") from None
+    out.write("\n")
+    return final
+
+
+def iter_sse(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
+    """The JSON events of a server-sent event stream, up to ``data: [DONE]`` (for tests and clients)."""
+    for raw in lines:
+        line = raw.decode("utf-8").strip() if isinstance(raw, bytes) else raw.strip()
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            return
+        yield json.loads(line[len("data: ") :])

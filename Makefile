@@ -8,7 +8,7 @@ EXP     ?= experiments/tiny.yaml
 ARGS    ?=
 export THP_MEM_ALLOC_ENABLE ?= 1
 
-.PHONY: setup train train-local scaling eval generate data config bench test test-fast lint format mlflow-ui job clean
+.PHONY: setup train train-local scaling eval generate data config bench test test-fast lint format mlflow-ui job serve serve-stop clean
 
 setup: $(VENV)/.installed ## create .venv and install lmlab with its dev tools
 
@@ -43,6 +43,15 @@ eval: setup ## evaluate a checkpoint or a run's best one: make eval CKPT=runs/ti
 
 generate: setup ## sample from a checkpoint: make generate CKPT=runs/tiny ARGS='--prompt "ROMEO:"'
 	$(BIN)/lm generate $(CKPT) $(ARGS)
+
+# `make serve` stays in the foreground (Ctrl-C stops it); detached: `nohup make serve > runs/serve.log 2>&1 &`, then
+# `make serve-stop` (SIGTERM to the pid in serve.pid_file, runs/serve.pid). Another model: ARGS='--model runs/tiny'.
+SERVE ?= experiments/serve.yaml
+serve: setup ## serve the best tiny model over HTTP on 127.0.0.1:8000 (OpenAI-compatible; see README "Serving")
+	$(BIN)/lm serve $(SERVE) $(ARGS)
+
+serve-stop: setup ## stop a server started with make serve (runs/serve.pid)
+	$(BIN)/lm serve $(SERVE) --stop $(ARGS)
 
 mlflow-ui: setup ## browse runs, metrics and artifacts at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000

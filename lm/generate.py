@@ -245,6 +245,36 @@ class BatchDecoder:
         logits = self._prefill(row, self._context[handle], last=True)
         return handle, logits[0]
 
+    def admit_many(self, prompts: list[list[int]]) -> tuple[list[int], Tensor]:
+        """``admit`` several prompts: one right-padded prefill forward (one per prompt with fixed_shape, whose
+        prefills keep one shape); return their handles and next-token logits (k, V)."""
+        if self.fixed_shape or len(prompts) <= 1:
+            admitted = [self.admit(p) for p in prompts]
+            logits = [lg.unsqueeze(0) for _, lg in admitted]
+            return [h for h, _ in admitted], torch.cat(logits) if logits else torch.empty(0)
+        if len(prompts) > len(self._free):
+            raise RuntimeError(f"{len(prompts)} prompts for {len(self._free)} free rows; release some first")
+        if not all(prompts):
+            raise ValueError("a prompt needs at least one token")
+        contexts = [list(p[-self.block_size :]) for p in prompts]
+        first = len(self._order)
+        handles = [self._free.pop() for _ in contexts]
+        for handle, context in zip(handles, contexts):
+            self._order.append(handle)
+            self._context[handle] = context
+        width = max(len(c) for c in contexts)
+        idx = torch.tensor([c + [0] * (width - len(c)) for c in contexts], device=self.device)  # (k, width)
+        rows = slice(first, first + len(contexts))
+        for row in range(rows.start, rows.stop):
+            self.cache.reset(row)
+        self.forward_calls += 1
+        self.prefill_tokens += sum(len(c) for c in contexts)
+        with torch.inference_mode():
+            logits = self.model.forward_rows(
+                idx, self.cache, rows, last_only=True, lengths=[len(c) for c in contexts]
+            )
+        return handles, logits
+
     def step(self, tokens: dict[int, int]) -> Tensor:
         """Feed one token to every live row (``tokens``: handle -> token id); return the next-token logits
         (n, V) in the order of ``live``."""

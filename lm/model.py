@@ -350,6 +350,7 @@ class TransformerLM(nn.Module):
         rows: slice | None = None,
         last_only: bool = False,
         keys: int | None = None,
+        lengths: list[int] | None = None,
     ) -> Tensor:
         """Logits (n, T, V) (or (n, V) with ``last_only``) of new tokens idx (n, T) for cache rows ``rows``
         (default the first n), each following its own ``cache.lengths[r]`` tokens; appends their keys/values.
@@ -357,6 +358,8 @@ class TransformerLM(nn.Module):
         A row sees only its own entries, at its own positions, so it decodes as it would alone (up to float
         rounding that depends on the shapes). Reset a row and pass its prompt to prefill it while other rows keep
         their state. ``keys`` fixes how many cache slots attention spans (masked), for shape-stable results.
+        ``lengths``: row i holds only its first lengths[i] tokens (right padding after them, never seen by
+        them): its cache grows by that much, and ``last_only`` takes its logits at its own last token.
         """
         n, T = idx.shape
         rows = slice(0, n) if rows is None else rows
@@ -365,6 +368,8 @@ class TransformerLM(nn.Module):
             raise ValueError(f"{n} rows of tokens for cache rows {rows.start}..{rows.stop - 1}")
         if T < 1:
             raise ValueError("forward_rows needs at least one new token per row")
+        if lengths is not None and (len(lengths) != n or not all(1 <= m <= T for m in lengths)):
+            raise ValueError(f"lengths={lengths} must hold {n} numbers in 1..{T}")
         S = max(starts) + T
         if keys is not None:
             if not S <= keys <= self.cfg.block_size:
@@ -381,17 +386,18 @@ class TransformerLM(nn.Module):
         pos = torch.tensor(starts, device=device).unsqueeze(1) + torch.arange(T, device=device)  # (n, T)
         x = torch.add(self.pos_enc.table[pos], self.tok_emb(idx), alpha=self.emb_scale)  # as in _embed
         x = self.drop(x)
+        # No mask for a prefill from position 0 (plain causal attention, the training path's own kernel) or
+        # for one token per row at a common position (it sees every cached key); else query at p sees 0 .. p.
         mask = None
-        if keys is None and max(starts) == 0:
-            pass  # a prefill from position 0: plain causal attention, the training path's own kernel
-        elif (
-            keys is not None or T > 1 or min(starts) != max(starts)
-        ):  # query at p sees keys 0 .. p of its row
+        if keys is not None or (max(starts) > 0 and (T > 1 or min(starts) != max(starts))):
             mask = (torch.arange(S, device=device) <= pos.unsqueeze(-1)).unsqueeze(1)  # (n, 1, T, S)
         for layer, block in enumerate(self.blocks):
             x = block.forward_rows(x, cache, layer, rows, starts, mask)
-        for r in range(*rows.indices(cache.n_rows)):
-            cache.lengths[r] += T
-        if last_only:
+        grown = [T] * n if lengths is None else lengths
+        for r, m in zip(range(*rows.indices(cache.n_rows)), grown):
+            cache.lengths[r] += m  # past a row's length: padding, stale like any entry past its end
+        if last_only and lengths is not None:
+            x = x[torch.arange(n, device=device), torch.tensor(lengths, device=device) - 1]  # (n, C)
+        elif last_only:
             x = x[:, -1, :]  # (n, C): the projection to V only where a token is sampled
         return self.lm_head(self.ln_f(x))  # (n, T, V) or (n, V)

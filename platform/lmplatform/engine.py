@@ -419,6 +419,7 @@ class _Core:
         if self.rows:
             parts.append(self.decoder.step({h: r.pending for h, r in self.rows.items()}))
             sampled += [self.rows[h] for h in self.decoder.live]
+        prefill: list[_Request] = []
         for request in admit:
             request.stream.admitted_step = self.steps
             if request.stream.cancelled:
@@ -426,10 +427,14 @@ class _Core:
             elif request.params.max_new_tokens == 0:
                 results.append((request, self.finish(request, "length")))
             else:
-                request.handle, logits = self.decoder.admit(request.prompt)
-                self.rows[request.handle] = request
-                parts.append(logits.unsqueeze(0))
-                sampled.append(request)
+                prefill.append(request)
+        if prefill:  # one padded forward for every new row (one each in exact mode)
+            handles, logits = self.decoder.admit_many([r.prompt for r in prefill])
+            for request, handle in zip(prefill, handles):
+                request.handle = handle
+                self.rows[handle] = request
+            parts.append(logits)
+            sampled += prefill
         if sampled:
             logits = torch.cat(parts)  # (n, V)
             tokens = self._sample(logits, sampled)

@@ -50,10 +50,10 @@ class ScriptedLM(TransformerLM):
         self.script = script
 
     def forward_rows(
-        self, idx: torch.Tensor, cache: RowKVCache, rows: slice | None = None, last_only: bool = False
+        self, idx: torch.Tensor, cache: RowKVCache, rows: slice | None = None, last_only: bool = False, **kw
     ) -> torch.Tensor:
         rows = slice(0, idx.size(0)) if rows is None else rows
-        super().forward_rows(idx, cache, rows, last_only)
+        super().forward_rows(idx, cache, rows, last_only, **kw)
         lengths = cache.lengths[rows]  # tokens seen by each row: the next one is script[length - 1]
         logits = torch.full((len(lengths), self.cfg.vocab_size), -10.0)
         for r, n in enumerate(lengths):
@@ -115,8 +115,10 @@ async def first_then_rest(stream) -> tuple[list[Delta], Finished]:
     return [first, *deltas], fin
 
 
-def test_batched_requests_get_the_tokens_they_get_alone(tok: Tokenizer) -> None:
-    """Greedy and seeded sampling, mixed lengths, staggered arrivals, windowing past block_size included."""
+@pytest.mark.parametrize("arrivals", ["staggered", "burst"])
+def test_batched_requests_get_the_tokens_they_get_alone(tok: Tokenizer, arrivals: str) -> None:
+    """Greedy and seeded sampling, mixed lengths, staggered arrivals (or all at once: one padded prefill),
+    windowing past block_size included."""
     model = tiny(tok)
     requests = [(tok.encode(p), params) for p, params in MIXED]
 
@@ -133,8 +135,10 @@ def test_batched_requests_get_the_tokens_they_get_alone(tok: Tokenizer) -> None:
             streams, firsts = [], []
             for ids, params in requests:
                 streams.append(engine.submit(ids, params))
-                # The next request arrives once this one has its first event: while the others decode.
-                firsts.append(await streams[-1].__aiter__().__anext__())
+                if arrivals == "staggered":
+                    firsts.append(await streams[-1].__aiter__().__anext__())
+            for stream in streams[len(firsts) :]:  # burst: all submitted before any is read
+                firsts.append(await stream.__aiter__().__anext__())
             out = []
             for stream, first in zip(streams, firsts):
                 deltas, fin = ([], first) if isinstance(first, Finished) else await stream.collect()

@@ -214,3 +214,28 @@ def test_fixed_shape_rows_are_bit_identical_alone_or_batched() -> None:
     together = run([0, 1, 2])
     for i in range(3):
         assert torch.equal(run([i])[i], together[i])
+
+
+def test_rows_prefilled_together_with_padding_equal_each_alone() -> None:
+    model = make()
+    prompts = [tokens(3, 1), tokens(17, 2), tokens(8, 3)]
+    dec = BatchDecoder(model, 4)
+    dec.admit(tokens(5, 4))  # a row already decoding keeps its state
+    handles, logits = dec.admit_many(prompts)
+    assert dec.cache.lengths[:4] == [5, 3, 17, 8]  # the padding is not counted
+    assert dec.prefill_tokens == 5 + 3 + 17 + 8 and dec.forward_calls == 2
+    pending = {h: int(row.argmax()) for h, row in zip(handles, logits)}
+    got = {h: [t] for h, t in pending.items()}
+    pending[0] = 1
+    for _ in range(9):
+        out = dec.step(pending)
+        for h, row in zip(dec.live, out):
+            pending[h] = int(row.argmax())
+            if h in got:
+                got[h].append(pending[h])
+    for h, prompt, first in zip(handles, prompts, logits):
+        alone_tokens, alone_logits = decode_alone(model, prompt, 10)
+        assert got[h] == alone_tokens
+        torch.testing.assert_close(first, alone_logits[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="lengths"):
+        model.forward_rows(torch.tensor([[1, 2]]), model.new_row_cache(1), lengths=[3])

@@ -79,6 +79,15 @@ def is_mlflow_ref(ref: str) -> bool:
     return RUN_ID_PREFIX.fullmatch(ref) is not None and not Path(ref).expanduser().exists()
 
 
+def is_registered(ref: str, tracking_uri: str) -> bool:
+    """Whether the store at ``tracking_uri`` has the ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` ``ref``."""
+    try:
+        _model_version(_existing_store(tracking_uri), ref)
+    except TrackingError:
+        return False
+    return True
+
+
 def resolve_model(ref: str, tracking_uri: str, dest: Path | None = None) -> ModelSource:
     """The local checkpoint ``ref`` names, downloading MLflow references into ``dest`` (default: a temp dir).
 

@@ -8,10 +8,12 @@ as ``lmplatform.pyfunc`` it has no side effect. It imports only ``lm`` (packaged
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +167,6 @@ def log_pyfunc_model(tracking_uri: str, run_id: str, checkpoint: Path, name: str
     """
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     import lm
     from lm.config import load_config
@@ -180,7 +181,7 @@ def log_pyfunc_model(tracking_uri: str, run_id: str, checkpoint: Path, name: str
         logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id)
         saved_path = list(sys.path)  # checking the input example puts the model's code/ first on sys.path
         try:
-            with _use_tracking_uri(tracking_uri):  # log_model reads the global URI
+            with _global_tracking_uri(tracking_uri):  # log_model reads the global URI
                 mlflow.pyfunc.log_model(
                     name=name,
                     python_model=__file__,
@@ -202,15 +203,35 @@ def register_logged_model(
 ) -> Any:
     """A new version of registered model ``name`` (which must exist) whose source is ``models:/<model_id>``."""
     from mlflow import MlflowClient
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     # The SQL registry looks a models:/ source up through the global tracking URI (an MLflow TODO), so point it
     # at this store for the call; the version then resolves to the logged model's artifact location.
-    with _use_tracking_uri(tracking_uri):
+    with _global_tracking_uri(tracking_uri):
         return MlflowClient(tracking_uri).create_model_version(
             name, source=logged.model_uri, run_id=logged.source_run_id, tags=dict(tags),
             description=description, model_id=logged.model_id,
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` for the block, then exactly as it was.
+
+    Not MLflow's own ``_use_tracking_uri``: restoring an unset URI also deletes $MLFLOW_TRACKING_URI from the
+    environment, which sent every later command of the process to another store.
+    """
+    from mlflow.tracking._tracking_service import utils
+
+    saved, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def _invalid(message: str) -> MlflowException:

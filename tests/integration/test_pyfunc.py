@@ -43,6 +43,8 @@ def registered(make_config, small_text: str, tmp_path: Path) -> tuple[RunTracker
     assert tracker is not None
     with tracker.track():
         tracker.finish(cfg, best, best, trained_steps=10)
+    # logging the model points MLflow's global URI at the store for a moment: everything is as it was after
+    assert os.environ["MLFLOW_TRACKING_URI"] == pcfg.tracking.uri
     return tracker, best
 
 

@@ -1,16 +1,19 @@
 """Continuous (iteration-level) batching for serving: one scheduler thread owns a batched KV cache.
 
-At every decode step the scheduler admits waiting requests into free rows (a prefill each), advances every live
+At every decode step the scheduler admits waiting requests into free rows (prefill), advances every live
 row by one token in one forward (rows at different positions, ``lm.generate.BatchDecoder``), and retires rows
 that hit EOS, a stop string, their length or a cancel, so a short request never waits for a long one. Text
 streams as ``Delta`` events (UTF-8 safe, stop strings held back until they cannot match) and ends with one
-``Finished``. No Ray and no HTTP here: ``lmplatform.serve`` wraps it.
+``Finished``. No Ray and no HTTP here: ``lmplatform.serve`` wraps it. Requests admitted in one step share one
+padded prefill. Past block_size a row keeps going: when its cache is full, its last block_size/2 - 1 tokens are
+re-prefilled at positions 0.. (``BatchDecoder``), about one extra token of work per generated token.
 
 Sampling: every request draws from its own ``torch.Generator`` (CPU, seeded by ``SamplingParams.seed``; one
 uniform draw per sampled token), through ``lm.generate.filter_logits`` with its own temperature/top-k/top-p, so
-a request's draws never depend on its batch. Greedy tokens are the same alone or batched; logits differ between
-batch sizes only by float rounding (~1e-7), so a seeded sampled request gives the same tokens alone or batched
-unless a draw falls within that rounding of a token boundary (probability ~1e-6 per token).
+a request's draws never depend on its batch. By default logits differ between batch shapes only by float
+rounding (~1e-7): greedy tokens are the same alone or batched unless two logits tie within it, and a seeded
+sampled request gives the same tokens unless a draw falls within it of a token boundary (~1e-6 per token).
+``Engine(exact=True)`` keeps every shape independent of the batch: logits and seeded samples bit-identical.
 Logprobs are those of the model's own distribution (log-softmax of the temperature-1 logits, before top-k/top-p),
 as OpenAI reports them. ``completion_tokens`` counts every sampled token, EOS and stop-string tokens included;
 ``Delta.token_ids`` hold only the tokens whose text is in the completion.

@@ -248,14 +248,14 @@ class BatchDecoder:
     def admit_many(self, prompts: list[list[int]]) -> tuple[list[int], Tensor]:
         """``admit`` several prompts: one right-padded prefill forward (one per prompt with fixed_shape, whose
         prefills keep one shape); return their handles and next-token logits (k, V)."""
-        if self.fixed_shape or len(prompts) <= 1:
-            admitted = [self.admit(p) for p in prompts]
-            logits = [lg.unsqueeze(0) for _, lg in admitted]
-            return [h for h, _ in admitted], torch.cat(logits) if logits else torch.empty(0)
         if len(prompts) > len(self._free):
             raise RuntimeError(f"{len(prompts)} prompts for {len(self._free)} free rows; release some first")
         if not all(prompts):
             raise ValueError("a prompt needs at least one token")
+        if self.fixed_shape or len(prompts) <= 1:
+            admitted = [self.admit(p) for p in prompts]
+            logits = [lg.unsqueeze(0) for _, lg in admitted]
+            return [h for h, _ in admitted], torch.cat(logits) if logits else self._no_logits()
         contexts = [list(p[-self.block_size :]) for p in prompts]
         first = len(self._order)
         handles = [self._free.pop() for _ in contexts]
@@ -291,6 +291,8 @@ class BatchDecoder:
                     self._prefill(row, context, last=True)
             context.append(tokens[handle])
         n = len(self._order)
+        if n == 0:
+            return self._no_logits()
         ids = [tokens[h] for h in self._order]
         self.forward_calls += 1
         self.decode_tokens += n
@@ -317,6 +319,9 @@ class BatchDecoder:
         self.cache.reset(last)
         del self._context[handle]
         self._free.append(handle)
+
+    def _no_logits(self) -> Tensor:
+        return torch.empty(0, self.model.cfg.vocab_size, device=self.device)
 
     def _prefill(self, row: int, tokens: list[int], last: bool) -> Tensor:
         self.cache.reset(row)

@@ -239,3 +239,13 @@ def test_rows_prefilled_together_with_padding_equal_each_alone() -> None:
         torch.testing.assert_close(first, alone_logits[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="lengths"):
         model.forward_rows(torch.tensor([[1, 2]]), model.new_row_cache(1), lengths=[3])
+
+
+def test_an_empty_decoder_steps_and_admits_nothing() -> None:
+    for fixed in (False, True):
+        dec = BatchDecoder(make(), 2, fixed_shape=fixed)
+        assert dec.step({}).shape == (0, TINY.vocab_size)
+        handles, logits = dec.admit_many([])
+        assert handles == [] and logits.shape == (0, TINY.vocab_size)
+        with pytest.raises(RuntimeError, match="free rows"):
+            dec.admit_many([[1], [2], [3]])

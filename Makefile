@@ -8,7 +8,7 @@ EXP     ?= experiments/tiny.yaml
 ARGS    ?=
 export THP_MEM_ALLOC_ENABLE ?= 1
 
-.PHONY: setup train train-local scaling eval generate data config bench test test-fast lint format mlflow-ui job serve serve-stop clean
+.PHONY: setup train train-local scaling eval generate data config bench bench-serve test test-fast lint format mlflow-ui job serve serve-stop clean
 
 setup: $(VENV)/.installed ## create .venv and install lmlab with its dev tools
 
@@ -70,6 +70,9 @@ job: setup ## submit `lm train EXP` to the Ray cluster at RAY_ADDRESS (ray job s
 
 bench: setup ## throughput, generation and MFU benchmarks (print a table, write bench/results/*.json)
 	$(BIN)/python -m bench.run $(ARGS)
+
+bench-serve: setup ## lm serve under load per batching mode (minutes; bench/results/serve.json); ARGS='--soak-seconds 300' soaks
+	$(BIN)/python -m bench.serve_load $(ARGS)
 
 test: setup ## the whole test suite (unit + integration with real Ray/MLflow)
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", default="train,generate,mfu", help="comma list of: train, generate, mfu")
+    parser.add_argument("--only", default="train,generate,mfu", help="train,generate,mfu,serve")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
     parser.add_argument("--compile", action="store_true")
@@ -229,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             ("shape", ""), ("block", "d"), ("batch", "d"), ("new_tokens", "d"), ("cache_tokens_per_s", ",.0f"),
             ("recompute_tokens_per_s", ",.0f"), ("speedup", ".1f"),
         ])  # fmt: skip
+    if "serve" in only:  # its own results file (serve.json): it starts lm serve once per batching mode
+        from bench.serve_load import main as serve_main
+
+        serve_main([])
     results["loadavg_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     name = args.name or f"{device.type}-{args.amp or 'fp32'}{'-compile' if args.compile else ''}"

@@ -197,6 +197,13 @@ def cmd_runs_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run or resume a sweep; print its trials, the best trial and where MLflow has it."""
+    from lmplatform.tune import sweep_command  # imports Ray Tune: only for this verb
+
+    return sweep_command(args.config, args.overrides)
+
+
 def _mlflow_run_id(ref: str) -> str:
     """A run id (or prefix) as given, or the MLflow run a run directory's run.json records."""
     from lm.checkpoint import CheckpointError, read_run_record
@@ -288,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_ids", nargs="+", metavar="RUN", help="run ids, unique prefixes, sweep parents")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.set_defaults(handler=cmd_runs_compare)
+    p = sub.add_parser(
+        "sweep",
+        help="search a space over an experiment with Ray Tune (one Ray Train run per trial), tracked in MLflow",
+        description="Run the sweep FILE describes (search: and tune: sections); running it again resumes it.",
+    )
+    p.add_argument("config", metavar="FILE", help="a sweep YAML, e.g. experiments/sweep.yaml")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. tune.num_samples=4")
+    p.set_defaults(handler=cmd_sweep)
     _add_serve_parsers(sub)
     return parser
 

@@ -92,10 +92,38 @@ class TuneConfig(Section):
     """Ray Tune sweeps: how many trials, how many at once, the per-trial budget and the ASHA scheduler."""
 
     section: ClassVar[str] = "tune"
-    # TUNE-FIELDS (lmplatform.tune owns this class)
+    # The per-trial budget is the experiment's own train.max_steps / train.max_tokens / train.max_seconds.
+    num_samples: int = 1  # samples drawn from the space; a grid is repeated num_samples times
+    max_concurrent_trials: int = 1  # Tune does not count the Train workers' CPUs: cap it to what fits
+    # minimised; val is reported, never used to decide
+    metric: str = field(default="dev_loss", metadata={"choices": ("dev_loss",)})
+    time_attr: str = field(default="step", metadata={"choices": ("step", "tokens")})  # the loop's own counter
+    scheduler: str = field(default="asha", metadata={"choices": ("asha", "fifo")})
+    grace_period: int = 100  # asha: time_attr units a trial runs before it can be stopped
+    reduction_factor: float = 3.0  # asha: 1/reduction_factor of the trials go on at each rung
+    max_t: int | None = None  # asha: None = above the budget's last report (never stops a trial at its end)
+    max_failures: int = 0  # retries of a failed trial (it resumes from its checkpoint); -1 = unlimited
+    # scaling: lmplatform.scaling.report fits the sweep's results (an iso-time study)
+    study: str = field(default="none", metadata={"choices": ("none", "scaling")})
+    name: str | None = None  # None: <experiment>-sweep; re-running a sweep of this name resumes it
+    storage_path: str | None = None  # None: ray.storage_path; the sweep lives in storage_path/name
+    seed: int | None = None  # the search's sampling seed; None: train.seed
 
     def validate(self) -> None:
-        pass
+        self._positive("num_samples", "max_concurrent_trials", "grace_period", "max_t")
+        check(self.reduction_factor > 1, "tune.reduction_factor", self.reduction_factor, "must be > 1")
+        check(
+            self.max_failures >= -1, "tune.max_failures", self.max_failures, "must be >= 0, or -1: unlimited"
+        )
+        if self.max_t is not None:
+            check(
+                self.max_t >= self.grace_period,
+                "tune.max_t",
+                self.max_t,
+                f"must be >= tune.grace_period={self.grace_period}",
+            )
+        if self.name is not None:
+            check_name(self.name, "tune.name")
 
 
 @dataclass(frozen=True)

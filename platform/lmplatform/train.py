@@ -47,7 +47,7 @@ from lm.checkpoint import (
 )
 from lm.config import ExperimentConfig, build, to_dict
 from lm.data import prepare_data
-from lm.train import DistributedContext, Hooks, preflight, train
+from lm.train import DistributedContext, Hooks, preflight, resolve_device, train
 from lmplatform.config import PlatformConfig, RayConfig
 from lmplatform.tracking import MetricLogger, RunTracker, TrackingHooks, start_run
 
@@ -688,7 +688,12 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if not config["local_mode"]:
         torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     cfg = build(ExperimentConfig, config["experiment"])
-    dist = ray_distributed_context()
+    if config["local_mode"]:
+        # One process on the device train.device names; Ray's context API refuses to run inside a Ray Tune trial
+        # (a sweep's local-mode trials: ray#49454), and has nothing to add to rank 0 of 1.
+        dist = DistributedContext(device=resolve_device(cfg.train.device))
+    else:
+        dist = ray_distributed_context()
     _worker_logging(config["local_mode"], dist.rank)
     logger: MetricLogger | None = config["logger"] if dist.is_main else None
     if logger is not None:

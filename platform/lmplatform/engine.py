@@ -227,20 +227,26 @@ class Engine:
         self._waiting: collections.deque[_Request] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
+        self._busy = 0  # rows in use or being filled, as of the scheduler's last look (under _wake)
         self._thread = threading.Thread(target=self._run, name="lmlab-engine", daemon=True)
         self._thread.start()
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> RequestStream:
-        """Queue a request; call inside a running event loop. Raises EngineFull when too many are waiting,
-        ValueError for token ids outside the vocabulary."""
+        """Queue a request; call inside a running event loop. Raises EngineFull when max_waiting requests
+        already wait beyond the free rows (0: accept only what a free row can take), ValueError for token ids
+        outside the vocabulary."""
         loop = asyncio.get_running_loop()
         stream = RequestStream(loop, self._wake)
         request = self._core.request(prompt_ids, params, stream)
         with self._wake:
             if self._closed:
                 raise EngineError("the engine is closed")
-            if len(self._waiting) >= self.max_waiting:
-                raise EngineFull(f"{len(self._waiting)} requests are already waiting (max_waiting)")
+            # Free rows take waiting requests at the next step: only what waits beyond them counts.
+            if len(self._waiting) >= self.max_waiting + self._core.decoder.max_rows - self._busy:
+                raise EngineFull(
+                    f"{len(self._waiting)} requests are waiting for a row already "
+                    f"(max_waiting={self.max_waiting}, all {self._core.decoder.max_rows} rows busy)"
+                )
             self._waiting.append(request)
             self._wake.notify_all()
         return stream
@@ -248,7 +254,7 @@ class Engine:
     def stats(self) -> dict[str, float]:
         """Counters and gauges for metrics: queue, batch occupancy, steps, tokens."""
         core = self._core
-        running = len(core.rows)
+        running = self._busy
         return {
             "waiting": float(len(self._waiting)),
             "running": float(running),
@@ -274,21 +280,23 @@ class Engine:
         core = self._core
         while True:
             with self._wake:
-                while not self._closed and not self._waiting and not core.rows:
+                while True:
+                    if any(r.stream.cancelled for r in self._waiting):  # gone before they got a row
+                        for request in [r for r in self._waiting if r.stream.cancelled]:
+                            self._waiting.remove(request)
+                            request.stream._push(core.finish(request, "cancelled"))
+                    for request, events in core.retire_cancelled():  # a waiting request takes the row now
+                        request.stream._push(events)
+                    admit: list[_Request] = []
+                    while self._waiting and len(admit) < core.decoder.free_rows():
+                        admit.append(self._waiting.popleft())
+                    self._busy = len(core.rows) + len(admit)  # what submit and stats see during the step
+                    if self._closed or admit or core.rows:
+                        break
                     self._wake.wait()
                 if self._closed:
+                    self._waiting.extendleft(reversed(admit))  # ended below with the rest
                     break
-                if any(r.stream.cancelled for r in self._waiting):  # gone before they got a row
-                    for request in [r for r in self._waiting if r.stream.cancelled]:
-                        self._waiting.remove(request)
-                        request.stream._push(core.finish(request, "cancelled"))
-                for request, events in core.retire_cancelled():  # so a waiting request takes the row now
-                    request.stream._push(events)
-                admit: list[_Request] = []
-                while self._waiting and len(admit) < core.decoder.free_rows():
-                    admit.append(self._waiting.popleft())
-            if not admit and not core.rows:
-                continue
             try:
                 results = core.step(admit)
             except Exception as exc:  # a bug or a device error: fail these requests, keep serving others
@@ -297,7 +305,9 @@ class Engine:
                 for request in [*core.rows.values(), *admit]:
                     request.stream._push([error])
                 core.drop_all()
+                self._busy = 0
                 continue
+            self._busy = len(core.rows)  # before the events: whoever reads a Finished sees its row free
             for request, events in results:
                 request.stream._push(events)
         with self._wake:

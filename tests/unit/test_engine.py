@@ -366,24 +366,29 @@ def test_breaking_off_a_stream_cancels_it(tok: Tokenizer) -> None:
     assert stream.cancelled and stats["running"] == 0 and stats["requests_cancelled"] == 1
 
 
-def test_a_full_waiting_queue_raises_engine_full(tok: Tokenizer) -> None:
-    model = tiny(tok)
+@pytest.mark.parametrize("max_waiting", [0, 2])
+def test_a_full_waiting_queue_raises_engine_full(tok: Tokenizer, max_waiting: int) -> None:
+    model = scripted(tok, byte_ids(tok, b"never ending "))  # no EOS: rows stay busy until cancelled
 
     async def go():
-        engine = Engine(model, tok, max_batch_size=1, max_waiting=2)
+        engine = Engine(model, tok, max_batch_size=2, max_waiting=max_waiting)
         streams = []
         try:
             with pytest.raises(EngineFull, match="max_waiting"):
-                for _ in range(4):  # at most one has a row, two wait: the fourth at the latest is refused
-                    streams.append(engine.submit([5, 6], SamplingParams(max_new_tokens=50, temperature=0.0)))
+                for _ in range(10):  # two get a row, max_waiting more wait, the next is refused
+                    streams.append(engine.submit([5], SamplingParams(max_new_tokens=10_000)))
+            refused_stats = engine.stats()
+            for stream in streams:
+                stream.cancel()
             results = [await s.collect() for s in streams]
             late = await engine.submit([5], SamplingParams(max_new_tokens=2)).collect()  # room again
-            return results, late
+            return results, late, refused_stats
         finally:
             engine.close()
 
-    results, late = run(go())
-    assert 2 <= len(results) <= 3 and all(f.reason == "length" for _, f in results)
+    results, late, stats = run(go())
+    assert len(results) == 2 + max_waiting and all(f.reason == "cancelled" for _, f in results)
+    assert stats["running"] + stats["waiting"] == 2 + max_waiting
     assert late[1].completion_tokens == 2
 
 

@@ -102,13 +102,12 @@ MIXED = [  # (prompt, params): mixed lengths, greedy and seeded sampling with th
 ]
 
 
-async def read(stream) -> tuple[list[Delta], Finished]:
-    """All of a stream's events, whatever was read before."""
-    return await stream.collect()
+async def first_event(stream):
+    return await stream.__aiter__().__anext__()
 
 
-async def first_then_rest(stream) -> tuple[list[Delta], Finished]:
-    first = await stream.__aiter__().__anext__()
+async def after(stream, first) -> tuple[list[Delta], Finished]:
+    """The stream's events, given the first one already read (collect() continues the same iterator)."""
     if isinstance(first, Finished):
         return [], first
     deltas, fin = await stream.collect()
@@ -135,15 +134,11 @@ def test_batched_requests_get_the_tokens_they_get_alone(tok: Tokenizer, arrivals
             streams, firsts = [], []
             for ids, params in requests:
                 streams.append(engine.submit(ids, params))
-                if arrivals == "staggered":
-                    firsts.append(await streams[-1].__aiter__().__anext__())
+                if arrivals == "staggered":  # the next request arrives while this one decodes
+                    firsts.append(await first_event(streams[-1]))
             for stream in streams[len(firsts) :]:  # burst: all submitted before any is read
-                firsts.append(await stream.__aiter__().__anext__())
-            out = []
-            for stream, first in zip(streams, firsts):
-                deltas, fin = ([], first) if isinstance(first, Finished) else await stream.collect()
-                out.append(([first, *deltas] if isinstance(first, Delta) else deltas, fin))
-            return out, engine.stats()
+                firsts.append(await first_event(stream))
+            return [await after(s, first) for s, first in zip(streams, firsts)], engine.stats()
         finally:
             engine.close()
 
@@ -326,7 +321,7 @@ def test_cancel_frees_the_row_within_one_step_for_a_waiting_request(tok: Tokeniz
         try:
             long = engine.submit(tok.encode("To be"), SamplingParams(max_new_tokens=100_000, temperature=1.0))
             waiting = engine.submit(tok.encode("or not"), SamplingParams(max_new_tokens=3, temperature=0.0))
-            await long.__aiter__().__anext__()
+            await first_event(long)
             for _ in range(200):  # let it decode a few steps
                 await asyncio.sleep(0.001)
             step_at_cancel = engine.stats()["decode_steps"]
@@ -402,7 +397,7 @@ def test_a_short_request_after_a_long_one_finishes_first_only_when_continuous(
         engine = Engine(model, tok, max_batch_size=4, mode=mode)
         try:
             long = engine.submit(tok.encode("Long"), SamplingParams(max_new_tokens=60, temperature=0.0))
-            await long.__aiter__().__anext__()  # the long one is decoding
+            await first_event(long)  # the long one is decoding
             short = engine.submit(tok.encode("Short"), SamplingParams(max_new_tokens=5, temperature=0.0))
             await short.collect()
             await long.collect()
@@ -528,7 +523,7 @@ def test_unseeded_requests_differ_and_close_cancels_what_is_left(tok: Tokenizer)
         a, b = await collect_all(engine, [([5], SamplingParams(30)), ([5], SamplingParams(30))])
         engine._core.eos_id = -1  # never ends by itself
         pending = [engine.submit([5], SamplingParams(100_000)) for _ in range(3)]
-        await pending[0].__aiter__().__anext__()
+        await first_event(pending[0])
         engine.close()
         return a, b, [await s.collect() for s in pending]
 

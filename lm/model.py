@@ -332,16 +332,9 @@ class TransformerLM(nn.Module):
         self, n_rows: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> RowKVCache:
         """An empty per-row cache of ``n_rows`` rows for ``forward_rows``, on the model's device and dtype."""
-        weight = self.tok_emb.weight
-        return RowKVCache(
-            self.cfg.n_layer,
-            n_rows,
-            self.cfg.n_head,
-            self.cfg.block_size,
-            self.cfg.head_dim,
-            device=weight.device if device is None else device,
-            dtype=weight.dtype if dtype is None else dtype,
-        )
+        w, c = self.tok_emb.weight, self.cfg
+        device, dtype = w.device if device is None else device, w.dtype if dtype is None else dtype
+        return RowKVCache(c.n_layer, n_rows, c.n_head, c.block_size, c.head_dim, device, dtype)
 
     def forward_rows(
         self,

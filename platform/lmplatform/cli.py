@@ -198,7 +198,16 @@ def cmd_runs_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Run or resume a sweep; print its trials, the best trial and where MLflow has it."""
+    """Run or resume a sweep; print its trials, the best trial and where MLflow has it. With ``--size-for``,
+    answer "which size for N minutes?" from the sweep's finished scaling study instead (nothing runs)."""
+    if args.size_for is not None:
+        from lmplatform.scaling import ScalingError, size_for_sweep
+
+        try:
+            print(size_for_sweep(args.config, args.overrides, args.size_for))
+        except ScalingError as exc:
+            raise PlatformError(str(exc)) from None
+        return 0
     from lmplatform.tune import sweep_command  # imports Ray Tune: only for this verb
 
     return sweep_command(args.config, args.overrides)
@@ -302,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", metavar="FILE", help="a sweep YAML, e.g. experiments/sweep.yaml")
     p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. tune.num_samples=4")
+    p.add_argument(
+        "--size-for", type=float, metavar="MINUTES",
+        help="answer from FILE's finished scaling study (tune.study: scaling): the compute-optimal parameter "
+        "count, with its band, for MINUTES of training; runs nothing",
+    )  # fmt: skip
     p.set_defaults(handler=cmd_sweep)
     _add_serve_parsers(sub)
     return parser

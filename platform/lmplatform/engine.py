@@ -194,6 +194,27 @@ class RequestStream:
             self._cancelled.set()
 
 
+def _deliver(results: list[tuple[_Request, list[Event]]]) -> None:
+    """Hand a step's events to their streams: one wake-up per event loop, not one per event."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, list[Event]]]] = {}
+    for request, events in results:
+        stream = request.stream
+        if stream._loop is not None and events:
+            by_loop.setdefault(stream._loop, []).append((stream, events))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # that event loop is closed: nobody is listening any more
+            for stream, _ in batch:
+                stream._cancelled.set()
+
+
+def _put_all(batch: list[tuple[RequestStream, list[Event]]]) -> None:
+    for stream, events in batch:
+        for event in events:
+            stream._queue.put_nowait(event)  # type: ignore[union-attr]
+
+
 class Engine:
     """Continuous batching over one model: ``submit`` from an event loop, decoding in a scheduler thread.
 
@@ -308,8 +329,7 @@ class Engine:
                 self._busy = 0
                 continue
             self._busy = len(core.rows)  # before the events: whoever reads a Finished sees its row free
-            for request, events in results:
-                request.stream._push(events)
+            _deliver(results)
         with self._wake:
             leftover = list(self._waiting)
             self._waiting.clear()

@@ -164,9 +164,8 @@ class MultiHeadAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (n, T, C) -> (n, n_head, T, head_dim)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k, v = cache.update(
-            layer, rows, starts, k, v, None if mask is None else mask.size(-1)
-        )  # (n, n_head, S, hd)
+        keys = None if mask is None else mask.size(-1)  # a mask spans S keys; without one, just enough
+        k, v = cache.update(layer, rows, starts, k, v, keys)  # (n, n_head, S, head_dim)
         causal = mask is None and T > 1
         if self.explicit:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (n, n_head, T, S)

@@ -44,6 +44,7 @@ log = logging.getLogger("lmplatform.serve")
 API_KEY_ENV = "LMLAB_API_KEY"
 _MAX_LOGPROBS = 5  # OpenAI's limit for the completions endpoint
 _MAX_SEED = 2**63 - 1
+_MAX_PROMPTS = 32  # prompts in one completions request (each times n)
 _SSE = "text/event-stream"
 # OpenAI fields this server accepts only at their neutral value (it has no penalties, suffixes or best_of).
 _NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "suffix": None, "logit_bias": None}
@@ -290,10 +291,8 @@ def parse_completion(data: dict[str, Any], limits: Limits, vocab_size: int) -> P
     sampling["logprobs"] = logprobs
     n = _int(data, "n", 1, 1, limits.max_n, " (serve.max_n)")
     assert n is not None
-    if len(prompts) * n > limits.max_n * 8:
-        raise RequestError(
-            f"{len(prompts)} prompts x n={n} is too many completions for one request", "prompt"
-        )
+    if len(prompts) > _MAX_PROMPTS:
+        raise RequestError(f"prompt has {len(prompts)} prompts: at most {_MAX_PROMPTS} per request", "prompt")
     stream = _bool(data, "stream")
     options = data.get("stream_options")
     include_usage = False
@@ -998,6 +997,8 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
 
     cfg = settings.serve
     check_port_free(cfg.host, cfg.port)
+    if settings.api_key is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serve.host=%s accepts connections from other machines and no API key is set", cfg.host)
     served = load_model(
         settings.model_ref, settings.tracking_uri, settings.experiment, "cpu"
     )  # fail fast, here

@@ -270,6 +270,7 @@ def _bad_cases() -> list[tuple[str, str, str, dict[str, Any], int, str | None]]:
         ("token id out of range", "POST", c, comp(prompt=[[99999]]), 400, "prompt"),
         ("lone surrogate", "POST", c, _raw(b'{"prompt": "\\ud800"}'), 400, "prompt"),
         ("prompt too long", "POST", c, comp(prompt=long_prompt), 400, "prompt"),
+        ("too many prompts", "POST", c, comp(prompt=["a"] * 33), 400, "prompt"),
         ("max_tokens string", "POST", c, comp(max_tokens="10"), 400, "max_tokens"),
         ("max_tokens zero", "POST", c, comp(max_tokens=0), 400, "max_tokens"),
         ("max_tokens fraction", "POST", c, comp(max_tokens=1.5), 400, "max_tokens"),

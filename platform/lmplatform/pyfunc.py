@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 from mlflow.exceptions import MlflowException
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the artifact key: the weights-only checkpoint directory
@@ -40,8 +41,11 @@ class LMPyfuncModel(mlflow.pyfunc.PythonModel):
 
         self.model, self.cfg, self.tokenizer = load_model(context.artifacts[CHECKPOINT_ARTIFACT], "cpu")
 
-    # No type hints on the inputs: MLflow would infer a signature from them that replaces ours and its params.
-    def predict(self, context, model_input, params=None) -> list[str]:  # noqa: ANN001
+    # A DataFrame hint is what pyfunc passes after enforcing our signature, and the one hint from which MLflow
+    # infers no second signature (a list[str] hint would replace ours, params and all).
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> list[str]:
         """One completion per prompt: a list of strings, a string, or a one-column DataFrame of strings."""
         prompts = prompts_from(model_input)
         p = self._params(params or {})

@@ -83,3 +83,32 @@ def test_size_for_answers_from_the_newest_finished_study_of_the_yaml(
     assert "is not a scaling study" in capsys.readouterr().err
     assert main(["sweep", str(path), *overrides, "--size-for", "0"]) == 2
     assert "give a positive number of minutes" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_a_scaling_sweep_ends_with_its_study_logged_to_the_parent_run(
+    ray_cluster, tiny_overrides: list[str], mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmplatform.tune import run_sweep
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    yaml = tmp_path / "study.yaml"
+    yaml.write_text(
+        "search:\n  train.max_seconds: {grid: [0.5]}\n  model.params: {grid: [15000, 25000, 40000]}\n"
+        "tune: {study: scaling, scheduler: fifo}\n"
+    )
+    outcome = run_sweep(yaml, [*tiny_overrides, "train.max_steps=null", "train.max_seconds=1"], tmp_path)
+    assert [t["status"] for t in outcome.trials] == ["TERMINATED"] * 3
+    assert sorted(t["n_params"] for t in outcome.trials) == [
+        pytest.approx(n, rel=0.02) for n in (15000, 25000, 40000)
+    ]
+    assert outcome.summary is not None and outcome.summary.startswith(
+        "scaling study: dev_bpb against parameter"
+    )
+    client = mlflow_client(mlflow_store)
+    assert {STUDY_JSON, STUDY_PNG} <= {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    study = load_study(client, outcome.parent_run_id)
+    (entry,) = study["budgets"]
+    assert entry["budget"] == 0.5 and sorted(entry["params"]) == sorted(t["n_params"] for t in outcome.trials)
+    assert entry["bpb"] and entry["optimum_params"] is not None or "curve up" in (entry["note"] or "")
+    assert study["power_law"] is None and "no power law" in " ".join(study["notes"])  # one budget

@@ -46,6 +46,9 @@ _MAX_LOGPROBS = 5  # OpenAI's limit for the completions endpoint
 _MAX_SEED = 2**63 - 1
 _MAX_PROMPTS = 32  # prompts in one completions request (each times n)
 _SSE = "text/event-stream"
+# Events that arrive within this long of the last write go out together: every write is a Ray streaming message
+# from the replica to the proxy, slow at high concurrency (ray#52745), and a decode step takes milliseconds.
+_STREAM_FLUSH_S = 0.02
 # OpenAI fields this server accepts only at their neutral value (it has no penalties, suffixes or best_of).
 _NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "suffix": None, "logit_bias": None}
 _COMPLETION_FIELDS = {
@@ -867,11 +870,14 @@ class LMServer:
             raise
 
         async def body() -> AsyncIterator[bytes]:
-            status = 200
+            status, pending, flushed = 200, [], time.monotonic()
             try:
                 yield _sse_line(first)
                 async for event in events:
-                    yield _sse_line(event)
+                    pending.append(_sse_line(event))
+                    if time.monotonic() - flushed >= _STREAM_FLUSH_S:
+                        yield b"".join(pending)
+                        pending, flushed = [], time.monotonic()
             except Exception as exc:  # after the first byte the status is sent: tell the client in-band
                 log.exception("%s stream failed", endpoint)
                 status = 500
@@ -882,14 +888,14 @@ class LMServer:
                     500,
                     "server_error",
                 )
-                yield _sse_line(error.body())
+                pending.append(_sse_line(error.body()))
             finally:
                 for s in streams:
                     s.cancel()  # a disconnected client's rows are freed here (CancelledError at an await)
                 with contextlib.suppress(Exception):
                     await events.aclose()
                 self.metrics.answered(endpoint, status, time.perf_counter() - start)
-            yield b"data: [DONE]\n\n"
+            yield b"".join(pending) + b"data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type=_SSE, headers={"Cache-Control": "no-cache"})
 

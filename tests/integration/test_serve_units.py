@@ -58,10 +58,11 @@ def test_a_failure_after_the_first_byte_is_an_error_event_then_done() -> None:
         return await _drain(response)
 
     chunks = asyncio.run(run())
-    assert json.loads(chunks[0].removeprefix("data: ")) == {"text": "a"}
-    error = json.loads(chunks[1].removeprefix("data: "))["error"]
+    assert chunks[0] == 'data: {"text": "a"}\n\n'  # the first event goes out at once
+    events_sent = "".join(chunks).split("\n\n")
+    error = json.loads(events_sent[1].removeprefix("data: "))["error"]
     assert error["type"] == "server_error" and "device lost" in error["message"]
-    assert chunks[-1] == "data: [DONE]\n\n" and stream.cancelled
+    assert events_sent[2:] == ["data: [DONE]", ""] and stream.cancelled
     assert (
         'lmlab_requests_total{endpoint="generate",status="500"} 1.0' in server.metrics.render({}, 1).decode()
     )

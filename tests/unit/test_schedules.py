@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# the loop's test helpers: a clock that ticks per read, a stop after N steps, a crash at a step
+from test_train import FakeClock, Recorder, StopAfter
+
 from lm.checkpoint import load_checkpoint
 from lm.config import ConfigError, OptimConfig, load_config
-from lm.train import Hooks, lr_at, train
+from lm.train import lr_at, train
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
@@ -82,26 +85,6 @@ def test_an_unknown_schedule_names_wsd_among_the_choices() -> None:
 # Through the loop: token and time budgets, resume
 
 
-class FakeClock:
-    """Advances ``tick`` seconds per read: a time budget without wall-clock noise."""
-
-    def __init__(self, tick: float = 0.01) -> None:
-        self.now, self.tick = 1000.0, tick
-
-    def __call__(self) -> float:
-        self.now += self.tick
-        return self.now
-
-
-class Crash(Hooks):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_log(self, step: int, metrics: dict) -> None:
-        if step == self.at:
-            raise RuntimeError(f"simulated crash at step {step}")
-
-
 def lrs_of(result) -> list[tuple[float, float]]:
     """(progress, lr) of every logged step."""
     return [(h["progress"], h["lr"]) for h in result.history if "lr" in h]
@@ -131,20 +114,9 @@ def test_wsd_follows_the_budget_whatever_its_unit(toy_cfg, budget: dict) -> None
     assert points[-1][1] < low + (peak - low) * 2 * width / 0.25  # ends at min_lr, give or take one step
 
 
-class StopAt(Hooks):
-    def __init__(self, step: int) -> None:
-        self.step, self.limit = 0, step
-
-    def on_log(self, step: int, metrics: dict) -> None:
-        self.step = step
-
-    def should_stop(self) -> bool:
-        return self.step >= self.limit
-
-
 def test_a_longer_budget_on_resume_extends_the_wsd_stable_phase(toy_cfg, caplog) -> None:
     kw = dict(optim__schedule="wsd", optim__warmup_steps=2, train__log_interval=1, optim__min_lr=3e-4)
-    assert train(toy_cfg(train__max_steps=20, **kw), hooks=StopAt(10)).interrupted  # stopped while stable
+    assert train(toy_cfg(train__max_steps=20, **kw), hooks=StopAfter(10)).interrupted  # stopped while stable
     with caplog.at_level("WARNING", logger="lm.train"):
         more = train(toy_cfg(train__max_steps=40, **kw))
     assert (
@@ -172,7 +144,9 @@ def test_a_crash_in_the_wsd_decay_resumes_bit_identically(toy_cfg, tmp_path: Pat
     straight = train(toy_cfg(train__out_dir=tmp_path / "straight", **kw))
     cfg = toy_cfg(train__out_dir=tmp_path / "crashed", **kw)
     with pytest.raises(RuntimeError, match="simulated crash at step 15"):
-        train(cfg, hooks=Crash(at=15))  # last checkpoint at step 12: inside the decay (it starts at step 10)
+        train(
+            cfg, hooks=Recorder(crash_at=15)
+        )  # last checkpoint at step 12: inside the decay (it starts at step 10)
     resumed = train(cfg)
     assert resumed.resumed_from is not None and resumed.resumed_from.name == "step-000012"
     assert [lr for _, lr in lrs_of(resumed)] == [lr for _, lr in lrs_of(straight)][12:]

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lmplatform.tracking import _table
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -525,8 +527,3 @@ def _fmt_params(n: float | None) -> str:
 
 def _fmt_seconds(seconds: float) -> str:
     return f"{seconds / 60:g} min" if seconds >= 60 and seconds % 60 == 0 else f"{seconds:g}s"
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)

@@ -25,7 +25,7 @@ from lmplatform.tracking import (
     _history,
     mlflow_client,
 )
-from lmplatform.tune import FINISHED, PARENT_TAG, SWEEP_TAG, TRIAL_TAG, Sweep, SweepOutcome
+from lmplatform.tune import PARENT_TAG, SWEEP_TAG, TRIAL_TAG, Sweep, SweepOutcome, trained_budget
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -123,7 +123,7 @@ def trials_table(sweep: Sweep) -> list[dict[str, Any]]:
         checkpoint = sweep.run_dir(t.trial_id) / "best"
         rows.append({
             "trial_id": t.trial_id,
-            "status": _status(t),
+            "status": _status(sweep, t),
             "params": params,
             "n_params": int(n_params) if n_params is not None else None,
             "step": int(last["step"]) if "step" in last else None,
@@ -139,13 +139,13 @@ def trials_table(sweep: Sweep) -> list[dict[str, Any]]:
     return rows
 
 
-def _status(trial: Any) -> str:
+def _status(sweep: Sweep, trial: Any) -> str:
     """TERMINATED (trained its budget), KILLED (stopped by the scheduler), FAILED, or RUNNING (unfinished)."""
     status = str(trial.status)
     if status == "ERROR":
         return "FAILED"
     if status == "TERMINATED":
-        return "TERMINATED" if (trial.last_result or {}).get(FINISHED) else "KILLED"
+        return "TERMINATED" if trained_budget(sweep, trial.trial_id, trial.last_result or {}) else "KILLED"
     return "RUNNING"
 
 

@@ -97,7 +97,8 @@ class Dimension:
         lo, hi = self.values
         if self.kind == "randint":
             return (lo, hi - 1) if hi - 1 > lo else (lo,)
-        return (lo, hi)
+        # the middle too: integral bounds of a float range on an int key (n_layer: uniform [1, 4]) pass alone
+        return (lo, hi, math.sqrt(lo * hi) if self.kind == "loguniform" else (lo + hi) / 2)
 
     def describe(self) -> str:
         """``loguniform [0.001, 0.01]``: how the parent run's params and the README show it."""
@@ -308,6 +309,7 @@ class TrialReporter:
     queue: Any
     tokens_per_step: int
     n_params: int
+    stop: Any = None  # local mode: the run's StopRequest, for when Tune stops the trial (never pickled)
     last: dict[str, float] = field(default_factory=dict)
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -318,7 +320,11 @@ class TrialReporter:
         if self.queue is None:
             import ray.tune
 
-            ray.tune.report(result)
+            try:
+                ray.tune.report(result)
+            except SystemExit:  # Tune stops the trial (ASHA): checkpoint at the next step, end the run KILLED
+                if self.stop is not None:
+                    self.stop.request("stopped by the scheduler")
         else:
             self.queue.put(result)
 
@@ -345,13 +351,13 @@ def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def run_trial(params: dict[str, Any], sweep: Sweep) -> dict[str, float]:
+def run_trial(params: dict[str, Any], sweep: Sweep) -> dict[str, float] | None:
     """Tune's trainable: train one sample of the space with lmplatform.train, tracked in the trial's child run."""
     import ray.tune
     from ray.train._internal.session import get_session
 
     from lm.train import RunFinishedError
-    from lmplatform.train import FAIL_ENV, run_training
+    from lmplatform.train import FAIL_ENV, StopRequest, run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = sweep.config(params)
@@ -363,9 +369,14 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> dict[str, float]:
         run_id = _child_run(sweep, trial_id, params)
     workers = pcfg.ray.num_workers
     queue = get_session()._get_or_create_inter_actor_queue() if workers > 0 else None
-    reporter = TrialReporter(queue, cfg.tokens_per_step * max(1, workers), count_params(cfg.model))
+    stop = StopRequest()
+    reporter = TrialReporter(
+        queue, cfg.tokens_per_step * max(1, workers), count_params(cfg.model), stop if queue is None else None
+    )
     try:
-        outcome = run_training(cfg, pcfg, mlflow_run_id=run_id, report=reporter)
+        outcome = run_training(cfg, pcfg, stop=stop, mlflow_run_id=run_id, report=reporter)
+        if outcome.interrupted:
+            return None
         step, metrics = outcome.step, outcome.metrics
     except RunFinishedError as exc:  # it finished, but the driver was killed before Tune recorded it
         step, metrics = exc.step, exc.metrics
@@ -438,7 +449,7 @@ class SweepCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
-        if not last.get(FINISHED):  # stopped by the scheduler: the actor dies with no chance to end its run
+        if not trained_budget(self.sweep, trial.trial_id, last):  # stopped by the scheduler: the actor dies
             self.killed.add(trial.trial_id)
             step = int(last.get("step", 0))
             note = f"stopped by the {self.sweep.pcfg.tune.scheduler.upper()} scheduler at step {step:,}"
@@ -542,9 +553,21 @@ def live_table(trials: list[Any], keys: list[str], killed: set[str]) -> str:
 
 def _display_status(trial: Any, killed: set[str]) -> str:
     status = str(trial.status)
-    if status == "TERMINATED" and (trial.trial_id in killed or not (trial.last_result or {}).get(FINISHED)):
+    if status == "TERMINATED" and trial.trial_id in killed:
         return "KILLED"
     return {"ERROR": "FAILED"}.get(status, status)
+
+
+def trained_budget(sweep: Sweep, trial_id: str, last: Mapping[str, Any]) -> bool:
+    """Whether a trial Tune ended trained its whole budget: its last report says so, or its run directory
+    does (the scheduler may stop a trial at its final dev report, after the loop finished)."""
+    from lm.checkpoint import read_run_record
+
+    if last.get(FINISHED):
+        return True
+    with contextlib.suppress(Exception):
+        return read_run_record(sweep.run_dir(trial_id)).get("status") == "finished"
+    return False
 
 
 def _short(value: Any) -> str:

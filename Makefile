@@ -8,7 +8,7 @@ EXP     ?= experiments/tiny.yaml
 ARGS    ?=
 export THP_MEM_ALLOC_ENABLE ?= 1
 
-.PHONY: setup train train-local scaling eval generate data config bench bench-serve test test-fast lint format mlflow-ui job serve serve-stop clean
+.PHONY: setup train train-local sweep scaling eval generate data config bench bench-serve test test-fast lint format mlflow-ui job serve serve-stop clean
 
 setup: $(VENV)/.installed ## create .venv and install lmlab with its dev tools
 
@@ -28,6 +28,11 @@ train: setup ## train the tiny preset for 2 minutes, evaluate it and print a sam
 
 train-local: setup ## the same in this process without Ray (still tracked in MLflow), in runs/<name>-local
 	$(BIN)/lm train --local $(EXP) $(ARGS)
+
+# A re-run of the same sweep resumes it (finished trials are kept); SWEEP=experiments/sweep-tiny.yaml for another.
+SWEEP ?= experiments/sweep.yaml
+sweep: setup ## search sizes, LR schedules and peak LRs with Ray Tune (ASHA), tracked in MLflow; see README "Sweeps"
+	$(BIN)/lm sweep $(SWEEP) $(ARGS)
 
 scaling: setup ## iso-time study: the compute-optimal model size per training budget (about 40 min)
 	$(BIN)/lm sweep experiments/scaling.yaml $(ARGS)

@@ -411,30 +411,44 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, log_path: P
 
 
 def stop_process_group(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    """SIGTERM (lm serve shuts Serve and Ray down), then SIGKILL the group if it lingers."""
+    """SIGTERM to lm serve alone (it shuts Serve and its Ray down), then SIGKILL whatever is left of its group.
+
+    Not SIGTERM to the whole group: Ray's GCS and raylet would die under lm serve's own clean shutdown, which
+    then waits on them.
+    """
     if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # its own session: only what it started
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
 
 
 def replica_rss(server_pid: int) -> int | None:
-    """Resident bytes of the Serve replica (a Ray worker under the server whose title names LMServer)."""
-    import psutil
+    """Resident bytes of the Serve replica: the process under ``server_pid`` whose title names LMServer.
 
-    try:
-        for child in psutil.Process(server_pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                title = " ".join(child.cmdline()) or child.name()
-                if "ServeReplica" in title and "LMServer" in title:
-                    return child.memory_info().rss
-    except psutil.Error:
-        return None
+    Read from /proc (Linux), so it needs no psutil; None when the replica is not found.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, seen = [server_pid], set()
+    while todo:
+        pid = todo.pop()
+        seen.add(pid)
+        todo += [c for c in children.get(pid, []) if c not in seen]
+        if pid == server_pid:
+            continue
+        with contextlib.suppress(OSError):
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "ServeReplica" in title and "LMServer" in title:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024  # kB
     return None
 
 

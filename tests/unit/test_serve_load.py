@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ from bench.serve_load import (
     closed_loop,
     completion_body,
     percentile,
+    replica_rss,
     request_mix,
     run_levels,
     send_streamed,
@@ -237,3 +241,19 @@ def test_targets_compare_continuous_with_the_other_modes_at_the_top_concurrency(
     assert t["continuous_vs_none_tokens_per_s_c32"] == {"ratio": 5.0, "target": 4.0, "met": True}
     assert t["continuous_vs_static_tokens_per_s_c32"]["ratio"] == pytest.approx(5 / 3)
     assert t["continuous_ttft_p50_c32_vs_c1"] == {"ratio": pytest.approx(2.0), "target": 3.0, "met": True}
+
+
+def test_replica_rss_finds_the_replica_among_the_servers_descendants() -> None:
+    """Ray titles a replica's worker ray::ServeReplica:<app>:LMServer; here a child that says so in its argv."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", "ray::ServeReplica:lmlab:LMServer"]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while (rss := replica_rss(os.getpid())) is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the child has exec'd
+        assert rss is not None and 1 << 20 < rss < 1 << 31
+        assert replica_rss(child.pid) is None  # no replica under it
+    finally:
+        child.kill()
+        child.wait()

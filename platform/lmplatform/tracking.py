@@ -465,10 +465,21 @@ class RunTracker:
         }
         from lmplatform.pyfunc import register_logged_model
 
-        model = self._log_pyfunc(best, artifact_path)
         description = f"{describe_metrics(metrics)} (run {self.run_id})"
-        version = register_logged_model(self.uri, name, model, tags, description)
-        log.info("registered %s version %s (%s) of %s", name, version.version, model.model_id, artifact_path)
+        try:
+            model = self._log_pyfunc(best, artifact_path)
+        except Exception as exc:  # packaging must not cost a finished run its registration
+            log.warning(
+                "%s could not be logged as an MLflow pyfunc model (%s): registering the plain checkpoint, which "
+                "lm serve and lm eval load but mlflow.pyfunc does not", artifact_path, _summary(exc),
+            )  # fmt: skip
+            version = self.client.create_model_version(
+                name, source=f"{self.artifact_uri}/{artifact_path}", run_id=self.run_id, tags=tags,
+                description=description,
+            )  # fmt: skip
+        else:
+            version = register_logged_model(self.uri, name, model, tags, description)
+        log.info("registered %s version %s from %s", name, version.version, artifact_path)
         _, self.alias_note = update_best_alias(self.client, name)
         log.debug("%s", self.alias_note)  # the launcher prints it in its summary
         return str(version.version)

@@ -124,3 +124,26 @@ def test_errors_say_what_is_missing_and_how_to_get_it(registered, tmp_path: Path
     update_run_record(empty, status="running")
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         load_served_model(str(empty), uri, "itest")
+
+
+def test_a_model_that_cannot_be_packaged_is_still_registered_as_its_checkpoint(
+    make_config, tokenizer_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lmplatform.pyfunc
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no room for the model")
+
+    monkeypatch.setattr(lmplatform.pyfunc, "log_pyfunc_model", broken)
+    cfg, pcfg = make_config()
+    torch.manual_seed(9)
+    best = save_checkpoint(tmp_path / "run" / "best", TransformerLM(cfg.model), cfg, tokenizer_file, METRICS)
+    tracker = start_run(cfg, pcfg, str(tmp_path / "run"), launcher="local")
+    assert tracker is not None
+    with tracker.track():
+        tracker.finish(cfg, best, best, trained_steps=10)
+    assert tracker.model_version == "1" and tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
+    version = tracker.client.get_model_version(MODEL, "1")
+    assert version.source.endswith("/checkpoints/best-step-10")  # the plain checkpoint, as before pyfunc
+    served = load_served_model(None, tracker.uri, "itest")
+    assert served.info["version"] == "1" and _same_weights(served.model, best)

@@ -112,11 +112,22 @@ def _row(client: MlflowClient, run: Any, sweep: str | None) -> Row:
         best=tags.get(BEST_TAG, "").lower() == "true",
         params=dict(run.data.params),
         step=step,
-        tokens=m.get("tokens"),
+        tokens=m.get("tokens", _tokens_from_params(run.data.params, step)),
         dev_bpb=m.get("dev_bpb"),
         val_bpb=m.get("val_bpb"),
         val_ppl=m.get("val_ppl"),
     )
+
+
+def _tokens_from_params(params: dict[str, str], step: int | None) -> float | None:
+    """Tokens trained by ``step`` from the logged config, for runs that ended before their first ``tokens`` log
+    line (the loop logs it every train.log_interval steps)."""
+    keys = ("train.batch_size", "train.grad_accum_steps", "model.block_size")
+    sizes = [_int(params.get(k)) for k in keys]
+    if step is None or any(v is None for v in sizes):
+        return None
+    workers = max(1, _int(params.get("ray.num_workers")) or 1)  # 0: local mode, one process
+    return float(step * math.prod(sizes) * workers)  # type: ignore[arg-type]
 
 
 def _int(value: Any) -> int | None:

@@ -37,7 +37,8 @@ def sweep(mlflow_store: str) -> dict[str, str]:
     """A sweep's parent with four trials (finished, ASHA-killed, failed, still running), and a lone run."""
     client = mlflow_client(mlflow_store)
     exp = client.create_experiment("sweepy")
-    base = {"model.n_layer": 2, "train.batch_size": 16, "ray.run_name": "x", "train.out_dir": "/tmp/x"}
+    base = {"model.n_layer": 2, "train.batch_size": 16, "train.grad_accum_steps": 1, "model.block_size": 128,
+            "ray.num_workers": 0, "ray.run_name": "x", "train.out_dir": "/tmp/x"}  # fmt: skip
     parent = _run(client, exp, "sweep-parent", {"tune.num_samples": 4}, {}, status="FINISHED")
     ids = {"parent": parent}
     ids["best"] = _run(client, exp, "trial-best", {**base, "optim.lr": 0.005, "train.out_dir": "/a"},
@@ -97,6 +98,7 @@ def test_sweeps_and_runs_mix_and_each_run_is_listed_once(
     assert order == expected
     lone = rows[1].split()
     assert lone[2] == "-" and lone[-2:] == ["4", "0.003"]  # no sweep; n_layer 4 differs from the trials' 2
+    assert lone[4:6] == ["900", "1.84M"]  # no tokens metric (ended before a log line): 900 steps x 16 x 128
     assert rows[5].startswith("5 runs")
 
 

@@ -47,8 +47,9 @@ _MAX_SEED = 2**63 - 1
 _MAX_PROMPTS = 32  # prompts in one completions request (each times n)
 _SSE = "text/event-stream"
 # Events that arrive within this long of the last write go out together: every write is a Ray streaming message
-# from the replica to the proxy, slow at high concurrency (ray#52745), and a decode step takes milliseconds.
-_STREAM_FLUSH_S = 0.02
+# from the replica to the proxy, slow at high concurrency (ray#52745). At 32 concurrent streams of the tiny model
+# on 2 loaded cores, 0.1 s gave 1,280-1,450 output tokens/s against about 1,000-1,180 for 0.02 s.
+_STREAM_FLUSH_S = 0.1
 # OpenAI fields this server accepts only at their neutral value (it has no penalties, suffixes or best_of).
 _NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "suffix": None, "logit_bias": None}
 _COMPLETION_FIELDS = {

@@ -203,9 +203,10 @@ class _StopPoller:
 # Driver
 
 
-def ensure_ray(rc: RayConfig) -> None:
+def ensure_ray(rc: RayConfig, log_to_driver: bool = True) -> None:
     """Connect to ``ray.address`` / RAY_ADDRESS / a running local head, else start a quiet local Ray; then check
-    the cluster can hold the worker group, since Ray Train otherwise waits for resources without a word."""
+    the cluster can hold the worker group, since Ray Train otherwise waits for resources without a word.
+    ``log_to_driver=False`` (sweeps: a live table instead) leaves the workers' output in Ray's log files."""
     import ray
 
     started_here = False
@@ -217,6 +218,7 @@ def ensure_ray(rc: RayConfig) -> None:
             # Without a dashboard, Train's PlacementGroupCleaner warns every second that the state API is
             # unavailable; ERROR quiets Ray's own loggers (lm's progress lines are set up by the workers).
             "logging_config": ray.LoggingConfig(log_level="ERROR"),
+            "log_to_driver": log_to_driver,
         }
         try:
             if where:

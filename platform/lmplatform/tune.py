@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -431,7 +431,7 @@ class SweepCallback(Callback):
         self._shown = 0.0
         self._table = ""
         self._lines = 0
-        self.killed: set[str] = set()  # trials the scheduler stopped, as seen by this process
+        self._trained_ids: set[str] = set()  # trials that trained their whole budget (cached)
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its run config (and callbacks) for restores
         return {"sweep": self.sweep, "stream": None}
@@ -450,7 +450,6 @@ class SweepCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         if not trained_budget(self.sweep, trial.trial_id, last):  # stopped by the scheduler: the actor dies
-            self.killed.add(trial.trial_id)
             step = int(last.get("step", 0))
             note = f"stopped by the {self.sweep.pcfg.tune.scheduler.upper()} scheduler at step {step:,}"
             if "dev_loss" in last:
@@ -510,7 +509,7 @@ class SweepCallback(Callback):
         if not force and now - self._shown < _LIVE_INTERVAL:
             return
         stream = self.stream or sys.stdout
-        table = live_table(trials, self.sweep.keys, self.killed)
+        table = live_table(trials, self.sweep.keys, self._trained)
         tty = stream.isatty()
         if not tty and table == self._table and now - self._shown < 60:
             return  # a log file gets a table when something changed, or once a minute
@@ -522,6 +521,13 @@ class SweepCallback(Callback):
         stream.flush()
         self._lines = text.count("\n") + 1
 
+    def _trained(self, trial: Any) -> bool:
+        if trial.trial_id not in self._trained_ids and trained_budget(
+            self.sweep, trial.trial_id, trial.last_result or {}
+        ):
+            self._trained_ids.add(trial.trial_id)
+        return trial.trial_id in self._trained_ids
+
     def _print(self, line: str) -> None:
         stream = self.stream or sys.stdout
         stream.write(line + "\n")
@@ -529,14 +535,17 @@ class SweepCallback(Callback):
         self._lines = 0  # never redraw over a message
 
 
-def live_table(trials: list[Any], keys: list[str], killed: set[str]) -> str:
-    """The terminal's view of a running sweep: one row per trial."""
+def live_table(trials: list[Any], keys: list[str], trained: Callable[[Any], bool]) -> str:
+    """The terminal's view of a running sweep: one row per trial; ``trained(trial)``: it trained its budget."""
     from lmplatform.sweep_report import format_table
 
     counts: dict[str, int] = {}
     rows = []
     for t in trials:
-        status = _display_status(t, killed)
+        status = str(t.status)
+        if status == "TERMINATED" and not trained(t):  # the scheduler stopped it (or Ctrl-C did)
+            status = "KILLED"
+        status = {"ERROR": "FAILED"}.get(status, status)
         counts[status] = counts.get(status, 0) + 1
         last = t.last_result or {}
         rows.append({
@@ -549,13 +558,6 @@ def live_table(trials: list[Any], keys: list[str], killed: set[str]) -> str:
         })  # fmt: skip
     summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
     return f"{len(trials)} trials: {summary}\n" + format_table(rows)
-
-
-def _display_status(trial: Any, killed: set[str]) -> str:
-    status = str(trial.status)
-    if status == "TERMINATED" and trial.trial_id in killed:
-        return "KILLED"
-    return {"ERROR": "FAILED"}.get(status, status)
 
 
 def trained_budget(sweep: Sweep, trial_id: str, last: Mapping[str, Any]) -> bool:
@@ -621,7 +623,8 @@ def run_sweep(
     sweep = load_sweep(path, overrides, base_dir)
     Path(sweep.path).mkdir(parents=True, exist_ok=True)
     with run_lock(sweep.path):
-        ensure_ray(sweep.pcfg.ray)
+        # The trials' progress lines (Train workers) would bury the live table: they stay in Ray's log files.
+        ensure_ray(sweep.pcfg.ray, log_to_driver=False)
         resources = _trial_resources(sweep.pcfg)
         resuming = tune.Tuner.can_restore(sweep.path)
         parent = sweep_report.open_parent(sweep, resuming) if sweep.pcfg.tracking.enabled else None

@@ -15,6 +15,7 @@ import math
 from lm.config import ConfigError, ModelConfig
 
 TOLERANCE = 0.02  # relative distance to the target that shape_for_params guarantees
+ALIGN = 8  # preferred multiple for n_embd and mlp_dim
 PARAMS_KEY = "model.params"
 
 
@@ -44,21 +45,13 @@ def shape_for_params(target: int | float | str, model: ModelConfig) -> ModelConf
     """
     target = _as_count(target)
     V, L, H, bias, tied = model.vocab_size, model.n_layer, model.n_head, model.bias, model.tie_weights
-    ratio = model.mlp_hidden / model.n_embd
-    b = int(bias)
-    best: tuple[float, float, int, int] | None = None  # (ratio distance, relative error, C, M)
-    C = H
-    # The count grows with C even at M = 1, so once the smallest MLP overshoots, wider shapes only overshoot more.
-    while _count(V, L, C, 1, bias, tied) <= target * (1 + TOLERANCE):
-        # count(C, M) = count(C, 0) + M * per_unit: solve for the MLP width that hits the target
-        per_unit = L * (2 * C + b)
-        M = max(1, round((target - _count(V, L, C, 0, bias, tied)) / per_unit))
-        error = abs(_count(V, L, C, M, bias, tied) - target) / target
-        if error <= TOLERANCE:
-            candidate = (abs(math.log(M / (C * ratio))), error, C, M)
-            if best is None or candidate < best:
-                best = candidate
-        C += H
+    # Widths in multiples of 8 keep CPU matmuls on whole SIMD vectors (best of 8 interleaved timings on the 2-core
+    # dev machine, under load: n_embd 168 / mlp_dim 640 made 9.5 steps/s, 164 / 677 made 6.9); only when no such
+    # shape lands within 2% with the MLP ratio within 25% of the wanted one (small targets, many layers) is every
+    # multiple of n_head tried.
+    best = _search(target, model, math.lcm(H, ALIGN), ALIGN)
+    if best is None or best[0] > math.log(1.25):
+        best = _search(target, model, H, 1) or best
     if best is None:
         smallest = _count(V, L, H, 1, bias, tied)
         raise ConfigError(
@@ -67,8 +60,29 @@ def shape_for_params(target: int | float | str, model: ModelConfig) -> ModelConf
             f"(its embedding table alone {V * H:,}); ask for at least "
             f"{math.ceil(smallest / (1 + TOLERANCE)):,}, or lower model.n_layer / model.n_head / model.vocab_size"
         )
-    _, _, C, M = best
+    _, C, M = best
     return dataclasses.replace(model, n_embd=C, mlp_dim=None if M == 4 * C else M)
+
+
+def _search(target: int, model: ModelConfig, c_step: int, m_step: int) -> tuple[float, int, int] | None:
+    """(|ln(MLP ratio / model's ratio)|, n_embd, mlp_dim) in steps of ``c_step`` and ``m_step`` within 2% of
+    ``target``, the MLP ratio closest to ``model``'s; None when there is none."""
+    V, L, bias, tied = model.vocab_size, model.n_layer, model.bias, model.tie_weights
+    ratio = model.mlp_hidden / model.n_embd
+    best: tuple[float, float, int, int] | None = None  # (ratio distance, relative error, C, M)
+    C = c_step
+    # The count grows with C even at the smallest MLP, so once that overshoots, wider shapes only overshoot more.
+    while _count(V, L, C, m_step, bias, tied) <= target * (1 + TOLERANCE):
+        # count(C, M) = count(C, 0) + M * per_unit: solve for the MLP width that hits the target
+        per_unit = L * (2 * C + int(bias))
+        M = max(m_step, m_step * round((target - _count(V, L, C, 0, bias, tied)) / (per_unit * m_step)))
+        error = abs(_count(V, L, C, M, bias, tied) - target) / target
+        if error <= TOLERANCE:
+            candidate = (abs(math.log(M / (C * ratio))), error, C, M)
+            if best is None or candidate < best:
+                best = candidate
+        C += c_step
+    return None if best is None else (best[0], best[2], best[3])
 
 
 def _as_count(value: object) -> int:

@@ -7,11 +7,13 @@ status (none is left RUNNING).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,7 @@ from lmplatform.tracking import (
     RunTracker,
     _experiment_id,
     _history,
+    _quote,
     mlflow_client,
 )
 from lmplatform.tune import PARENT_TAG, SWEEP_TAG, TRIAL_TAG, Sweep, SweepOutcome, trained_budget
@@ -57,7 +60,7 @@ def open_parent(sweep: Sweep, resuming: bool) -> str:
     if resuming:
         found = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{SWEEP_TAG}` = '{sweep.path}' and tags.`{ROLE_TAG}` = 'sweep'",
+            filter_string=f"tags.`{SWEEP_TAG}` = '{_quote(sweep.path)}' and tags.`{ROLE_TAG}` = 'sweep'",
             order_by=["attributes.start_time DESC"],
         )
         if found:
@@ -223,6 +226,44 @@ def to_markdown(trials: list[dict[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The live table (SweepCallback prints it while the sweep runs)
+
+
+def live_table(trials: list[Any], keys: list[str], trained: Callable[[Any], bool]) -> str:
+    """The terminal's view of a running sweep: one row per trial; ``trained(trial)``: it trained its budget."""
+    counts: dict[str, int] = {}
+    rows = []
+    for t in trials:
+        status = str(t.status)
+        if status == "TERMINATED" and not trained(t):  # the scheduler stopped it (or Ctrl-C did)
+            status = "KILLED"
+        status = {"ERROR": "FAILED"}.get(status, status)
+        counts[status] = counts.get(status, 0) + 1
+        last = t.last_result or {}
+        rows.append({
+            "trial": t.trial_id,
+            **{k: _short(t.config.get(k)) for k in keys},
+            "status": status,
+            "step": f"{int(last['step']):,}" if "step" in last else "-",
+            "dev loss": f"{last['dev_loss']:.4f}" if "dev_loss" in last else "-",
+            "dev bpb": f"{last['dev_bpb']:.4f}" if "dev_bpb" in last else "-",
+        })  # fmt: skip
+    summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+    return f"{len(trials)} trials: {summary}\n" + format_table(rows)
+
+
+def trial_error(trial: Any) -> str:
+    """The last line of a trial's error (Tune keeps the traceback in a file), else 'unknown error'."""
+    with contextlib.suppress(Exception):
+        path = trial.error_file or trial.pickled_error_file
+        if path and Path(path).is_file() and str(path).endswith(".txt"):
+            lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+            if lines:
+                return lines[-1][:500]
+    return "unknown error"
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Plots
 
 
@@ -247,7 +288,7 @@ def _label(t: dict[str, Any], keys: list[str]) -> str:
 
 
 def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def draw_plots(series: dict[str, Any], out: Path, title: str) -> list[Path]:
@@ -294,27 +335,27 @@ def conclude(outcome: SweepOutcome) -> None:
     """Final child statuses, the parent's artifacts and metrics, best trial tagged and registered, scaling
     report; then the parent ends (FINISHED; KILLED when interrupted; FAILED when no trial finished)."""
     sweep, trials = outcome.sweep, outcome.trials
-    outcome.best = best_trial(trials)
-    if outcome.parent_run_id is None:
+    best = outcome.best = best_trial(trials)
+    parent = outcome.parent_run_id
+    client = mlflow_client(str(sweep.pcfg.tracking.uri)) if parent is not None else None
+    if client is not None:
+        _end_children(client, trials, outcome.interrupted)
+    report_dir = Path(sweep.path) / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "trials.csv").write_text(to_csv(trials))
+    (report_dir / "trials.md").write_text(to_markdown(trials))
+    if best is not None:
+        best_info = {k: best[k] for k in COLUMNS} | {"config": to_dict(sweep.config(best["params"]))}
+        (report_dir / "best_trial.json").write_text(json.dumps(best_info, indent=2, default=str))
+    if client is None or parent is None:  # tracking.enabled=false: the tables and best_trial.json only
         return
     import time
 
     from mlflow.entities import Metric, RunTag
 
-    client = mlflow_client(str(sweep.pcfg.tracking.uri))
-    parent = outcome.parent_run_id
-    _end_children(client, trials, outcome.interrupted)
-    report_dir = Path(sweep.path) / "report"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    series = plot_series(client, trials, sweep.keys)
-    (report_dir / "trials.csv").write_text(to_csv(trials))
-    (report_dir / "trials.md").write_text(to_markdown(trials))
+    series = plot_series(client, trials, sweep.keys)  # the curves come from the children's metric history
     (report_dir / PLOT_DATA).write_text(json.dumps(series, indent=1))
     draw_plots(series, report_dir, sweep.name)
-    best = outcome.best
-    if best is not None:
-        best_info = {k: best[k] for k in COLUMNS} | {"config": to_dict(sweep.config(best["params"]))}
-        (report_dir / "best_trial.json").write_text(json.dumps(best_info, indent=2, default=str))
     client.log_artifacts(parent, str(report_dir))
     counts = {s: sum(t["status"] == s for t in trials) for s in ("TERMINATED", "KILLED", "FAILED", "RUNNING")}
     metrics = {f"trials_{s.lower()}": float(n) for s, n in counts.items()}

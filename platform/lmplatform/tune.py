@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -458,13 +458,17 @@ class SweepCallback(Callback):
         self._show(trials, force=True)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        reason = _trial_error(trial)
+        from lmplatform.sweep_report import trial_error
+
+        reason = trial_error(trial)
         self._end_child(trial.trial_id, "FAILED", f"failed: {reason}", None, {"lmlab.failure": reason})
         self._show(trials, force=True)
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        from lmplatform.sweep_report import trial_error
+
         self._print(
-            f"trial {trial.trial_id} failed ({_trial_error(trial)}); retrying from its last checkpoint"
+            f"trial {trial.trial_id} failed ({trial_error(trial)}); retrying from its last checkpoint"
         )
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
@@ -509,6 +513,8 @@ class SweepCallback(Callback):
         if not force and now - self._shown < _LIVE_INTERVAL:
             return
         stream = self.stream or sys.stdout
+        from lmplatform.sweep_report import live_table
+
         table = live_table(trials, self.sweep.keys, self._trained)
         tty = stream.isatty()
         if not tty and table == self._table and now - self._shown < 60:
@@ -535,31 +541,6 @@ class SweepCallback(Callback):
         self._lines = 0  # never redraw over a message
 
 
-def live_table(trials: list[Any], keys: list[str], trained: Callable[[Any], bool]) -> str:
-    """The terminal's view of a running sweep: one row per trial; ``trained(trial)``: it trained its budget."""
-    from lmplatform.sweep_report import format_table
-
-    counts: dict[str, int] = {}
-    rows = []
-    for t in trials:
-        status = str(t.status)
-        if status == "TERMINATED" and not trained(t):  # the scheduler stopped it (or Ctrl-C did)
-            status = "KILLED"
-        status = {"ERROR": "FAILED"}.get(status, status)
-        counts[status] = counts.get(status, 0) + 1
-        last = t.last_result or {}
-        rows.append({
-            "trial": t.trial_id,
-            **{k: _short(t.config.get(k)) for k in keys},
-            "status": status,
-            "step": f"{int(last['step']):,}" if "step" in last else "-",
-            "dev loss": f"{last['dev_loss']:.4f}" if "dev_loss" in last else "-",
-            "dev bpb": f"{last['dev_bpb']:.4f}" if "dev_bpb" in last else "-",
-        })  # fmt: skip
-    summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-    return f"{len(trials)} trials: {summary}\n" + format_table(rows)
-
-
 def trained_budget(sweep: Sweep, trial_id: str, last: Mapping[str, Any]) -> bool:
     """Whether a trial Tune ended trained its whole budget: its last report says so, or its run directory
     does (the scheduler may stop a trial at its final dev report, after the loop finished)."""
@@ -570,23 +551,6 @@ def trained_budget(sweep: Sweep, trial_id: str, last: Mapping[str, Any]) -> bool
     with contextlib.suppress(Exception):
         return read_run_record(sweep.run_dir(trial_id)).get("status") == "finished"
     return False
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _trial_error(trial: Any) -> str:
-    """The last line of a trial's error (Tune keeps the traceback in a file), else 'unknown error'."""
-    with contextlib.suppress(Exception):
-        path = trial.error_file or trial.pickled_error_file
-        if path and Path(path).is_file() and str(path).endswith(".txt"):
-            lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-            if lines:
-                return lines[-1][:500]
-    return "unknown error"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Starts ``mlflow ui`` over the store (default: this checkout's mlflow.db) and ``c
 ``chromium`` and ``chromium-driver``) on free ports on 127.0.0.1, both stopped at the end. The view is set the way
 the README tells users to set it by hand: "Model training" mode, the sweep's trials only (filter
 ``tags.mlflow.parentRunId = '<parent>'``), columns = the searched params plus dev/val bits per byte and val
-perplexity, sorted by dev bits per byte; the chart view shows MLflow's own per-metric charts of the best 10.
+perplexity, sorted by dev bits per byte; the chart view shows MLflow's own dev_* charts of the best 10.
 The UI keeps that view in the browser's localStorage, so it is written there before the page loads. WebDriver
 is spoken over plain HTTP (no selenium).
 """
@@ -115,6 +115,7 @@ def ui_state(page: dict[str, Any], parent: str, keys: list[str]) -> dict[str, An
         "orderByKey": "metrics.`dev_bpb`",
         "orderByAsc": True,
         "runsHiddenMode": "FIRST_10_RUNS",  # the chart view: the best 10 by dev bits per byte
+        "chartsSearchFilter": "dev_",  # its charts: dev_bpb, dev_loss (the curves ASHA judged), dev_ppl
     }
 
 

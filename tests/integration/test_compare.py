@@ -33,10 +33,10 @@ def _run(client, experiment_id: str, name: str, params: dict, metrics: dict, tag
 
 
 @pytest.fixture
-def sweep(mlflow_store: str) -> dict[str, str]:
+def sweep(mlflow_store: str, tmp_path) -> dict[str, str]:
     """A sweep's parent with four trials (finished, ASHA-killed, failed, still running), and a lone run."""
     client = mlflow_client(mlflow_store)
-    exp = client.create_experiment("sweepy")
+    exp = client.create_experiment("sweepy", artifact_location=str(tmp_path / "artifacts"))  # not ./mlruns
     base = {"model.n_layer": 2, "train.batch_size": 16, "train.grad_accum_steps": 1, "model.block_size": 128,
             "ray.num_workers": 0, "ray.run_name": "x", "train.out_dir": "/tmp/x"}  # fmt: skip
     parent = _run(client, exp, "sweep-parent", {"tune.num_samples": 4}, {}, status="FINISHED")

@@ -29,7 +29,8 @@ def trials(budgets=(60, 120, 240)) -> list[dict]:
 
 def test_report_logs_chart_numbers_and_optima_to_the_parent_run(mlflow_store: str, tmp_path: Path) -> None:
     client = mlflow_client(mlflow_store)
-    parent = client.create_run(client.create_experiment("scaling-test")).info.run_id
+    experiment = client.create_experiment("scaling-test", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment).info.run_id
     text = report(trials(), parent, client, tmp_path / "report")
     assert "power law: N_opt = " in text
     assert {a.path for a in client.list_artifacts(parent)} >= {STUDY_JSON, STUDY_PNG}
@@ -66,7 +67,7 @@ def test_size_for_answers_from_the_newest_finished_study_of_the_yaml(
     sweep = load_sweep(path, overrides)
     client = mlflow_client(mlflow_store)
     experiment = client.get_experiment_by_name("scal") or client.get_experiment(
-        client.create_experiment("scal")
+        client.create_experiment("scal", artifact_location=str(tmp_path / "artifacts"))  # not ./mlruns
     )
     tags = {SWEEP_TAG: sweep.path, ROLE_TAG: "sweep"}
     unfinished = client.create_run(experiment.experiment_id, tags=tags).info.run_id  # no scaling.json yet

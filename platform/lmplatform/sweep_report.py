@@ -21,6 +21,7 @@ from lm.config import ConfigError, to_dict
 from lmplatform.sizes import count_params
 from lmplatform.tracking import (
     BEST_ARTIFACT_TAG,
+    FAILURE_TAG,
     NOTE_TAG,
     RunTracker,
     _experiment_id,
@@ -386,23 +387,27 @@ def conclude(outcome: SweepOutcome) -> None:
 
 
 def _end_children(client: MlflowClient, trials: list[dict[str, Any]], interrupted: bool) -> None:
-    """No child left RUNNING: what the driver's callback missed (a killed driver, an interrupted sweep)."""
+    """Every child ends with its trial's status: what the driver's callback missed (a killed driver, an
+    interrupted sweep), and a stopped trial whose process, torn down by Tune, ended its own run FAILED."""
     from mlflow.entities import RunTag
 
     for t in trials:
         if not t["run_id"]:
             continue
         run = client.get_run(t["run_id"])
-        if run.info.status != "RUNNING":
+        stopped = t["status"] == "KILLED" and run.info.status == "FAILED"
+        if run.info.status != "RUNNING" and not stopped:
             continue
         status = {"TERMINATED": "FINISHED", "FAILED": "FAILED"}.get(t["status"], "KILLED")
-        note = (
-            "sweep interrupted: run the same `lm sweep` again to resume" if t["status"] == "RUNNING" else None
-        )
-        if t["status"] == "KILLED":
+        note = None
+        if t["status"] == "RUNNING":
+            note = "sweep interrupted: run the same `lm sweep` again to resume"
+        elif t["status"] == "KILLED":
             note = f"stopped by the scheduler at step {t['step'] or 0:,}"
         if note:
             client.log_batch(t["run_id"], tags=[RunTag(NOTE_TAG, note)])
+        if stopped and FAILURE_TAG in run.data.tags:
+            client.delete_tag(t["run_id"], FAILURE_TAG)
         client.set_terminated(t["run_id"], status=status)
 
 

@@ -489,7 +489,9 @@ class SweepCallback(Callback):
             if run_id is None:
                 return
             self._children[trial_id] = run_id
-            if client.get_run(run_id).info.status != "RUNNING":
+            current = client.get_run(run_id).info.status
+            # FAILED too for KILLED: a trial Tune tears down may end its own run FAILED first
+            if current != "RUNNING" and not (status == "KILLED" and current == "FAILED"):
                 return
             from mlflow.entities import RunTag
 

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -115,7 +116,19 @@ def parse_space(search: Any) -> tuple[Dimension, ...]:
         raise ConfigError(
             f"search={search!r} is not allowed: a mapping of dotted config keys to {{kind: args}}"
         )
-    return tuple(_dimension(str(key), spec) for key, spec in search.items())
+    # a key given twice (the YAML's `optim.lr`, an override's nested search.optim.lr): the last one counts
+    return tuple(_dimension(key, spec) for key, spec in dict(_flat_space(search)).items())
+
+
+def _flat_space(search: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``{optim: {lr: {grid: ..}}}`` (nested YAML, or an override ``search.optim.lr=...``) as ``optim.lr``."""
+    for key, spec in search.items():
+        dotted = f"{prefix}{key}"
+        nested = isinstance(spec, Mapping) and spec and all(isinstance(v, Mapping) for v in spec.values())
+        if nested and not any(kind in spec for kind in KINDS):
+            yield from _flat_space(spec, f"{dotted}.")
+        else:
+            yield dotted, spec
 
 
 def _dimension(key: str, spec: Any) -> Dimension:
@@ -133,7 +146,7 @@ def _dimension(key: str, spec: Any) -> Dimension:
             raise ConfigError(
                 f"{where}.{kind}={args!r} is not allowed: plain values (numbers, strings, booleans)"
             )
-        return Dimension(key, kind, tuple(args))
+        return Dimension(key, kind, tuple(_yaml_number(v) for v in args))
     if not isinstance(args, list) or len(args) != 2:
         raise ConfigError(f"{where}.{kind}={args!r} is not allowed: two bounds [lo, hi]")
     lo, hi = (_number(v, f"{where}.{kind}", kind == "randint") for v in args)
@@ -142,6 +155,14 @@ def _dimension(key: str, spec: Any) -> Dimension:
     if kind == "loguniform" and lo <= 0:
         raise ConfigError(f"{where}.{kind}={args!r} is not allowed: loguniform bounds must be > 0")
     return Dimension(key, kind, (lo, hi))
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml_number(value: Any) -> Any:
+    """``1e-3`` as a float: PyYAML (YAML 1.1) reads a number with an exponent but no dot as a string."""
+    return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value) else value
 
 
 def _number(value: Any, where: str, integer: bool) -> float | int:

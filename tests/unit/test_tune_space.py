@@ -39,7 +39,19 @@ def test_each_kind_becomes_the_matching_ray_tune_sampler() -> None:
     assert isinstance(n_layer, Integer) and (n_layer.lower, n_layer.upper) == (1, 5)  # hi exclusive, as ray's
     assert isinstance(n_head, Categorical) and n_head.categories == [2, 4]
     assert space["optim.schedule"] == {"grid_search": ["cosine", "wsd"]}
+    assert _space({"optim.lr": {"grid": ["3e-3", "5.0e-3", "1e3x"]}})["optim.lr"] == {
+        "grid_search": [3e-3, "5.0e-3", "1e3x"]
+    }
     assert list(space) == ["optim.lr", "optim.beta1", "model.n_layer", "model.n_head", "optim.schedule"]
+
+
+def test_nested_yaml_and_dotted_overrides_mean_the_same_key() -> None:
+    nested = parse_space({"optim": {"lr": {"grid": [1e-3, 2e-3]}}, "model.n_layer": {"choice": [1, 2]}})
+    assert [(d.key, d.kind, d.values) for d in nested] == [
+        ("optim.lr", "grid", (1e-3, 2e-3)), ("model.n_layer", "choice", (1, 2)),
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"search\.optim\.lr: unknown kind 'grdi'"):
+        parse_space({"optim": {"lr": {"grdi": [1e-3]}}})
 
 
 def test_describe_and_candidates() -> None:

@@ -40,7 +40,7 @@ def test_each_kind_becomes_the_matching_ray_tune_sampler() -> None:
     assert isinstance(n_head, Categorical) and n_head.categories == [2, 4]
     assert space["optim.schedule"] == {"grid_search": ["cosine", "wsd"]}
     assert _space({"optim.lr": {"grid": ["3e-3", "5.0e-3", "1e3x"]}})["optim.lr"] == {
-        "grid_search": [3e-3, "5.0e-3", "1e3x"]
+        "grid_search": [3e-3, 5e-3, "1e3x"]
     }
     assert list(space) == ["optim.lr", "optim.beta1", "model.n_layer", "model.n_head", "optim.schedule"]
 

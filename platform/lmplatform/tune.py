@@ -686,8 +686,8 @@ def _searcher(sweep: Sweep) -> Any:
 
 
 def _trial_resources(pcfg: PlatformConfig) -> dict[str, float]:
-    """CPUs for a trial's actor: the loop's own in local mode, a sliver when Train workers hold the CPUs; fail
-    fast when one trial cannot fit the cluster (Tune would wait forever)."""
+    """CPUs (and in local mode GPUs) for a trial's actor: the loop's own in local mode, a sliver when Train
+    workers hold them; fail fast when one trial cannot fit the cluster (Tune would wait forever)."""
     import ray
 
     rc = pcfg.ray
@@ -707,7 +707,10 @@ def _trial_resources(pcfg: PlatformConfig) -> dict[str, float]:
             "tune.max_concurrent_trials=%d trials need %g CPUs, the cluster has %g: some will wait",
             pcfg.tune.max_concurrent_trials, pcfg.tune.max_concurrent_trials * need, have,
         )  # fmt: skip
-    return {"cpu": trial_cpus}
+    resources = {"cpu": trial_cpus}
+    if rc.use_gpu and rc.num_workers == 0:  # local mode trains in the trial: Ray must hand it the GPU
+        resources["gpu"] = rc.gpus_per_worker or 1.0
+    return resources
 
 
 @contextlib.contextmanager

@@ -293,14 +293,16 @@ def load_sweep(
     check_space(lm_raw, dims, base)
     tc = pcfg.tune
     name = tc.name or f"{cfg.name}-sweep"
-    storage = tc.storage_path or pcfg.ray.storage_path
-    if "://" in storage:
+    key, storage = (
+        ("tune.storage_path", tc.storage_path)
+        if tc.storage_path
+        else ("ray.storage_path", pcfg.ray.storage_path)
+    )
+    if "://" in storage:  # the driver reads every trial's run directory (best checkpoint, run.json)
         raise ConfigError(
-            f"tune.storage_path={storage!r} is not allowed: sweeps keep their trials on a local disk"
+            f"{key}={storage!r} is not allowed for a sweep: a directory (on every node of a cluster: a shared one)"
         )
     storage_dir = (base / Path(storage).expanduser()).resolve()
-    if pcfg.ray.num_workers > 0 and not pcfg.ray.is_local_storage:
-        raise ConfigError(f"ray.storage_path={pcfg.ray.storage_path!r}: sweeps need local storage")
     from lmplatform.train import FAIL_ENV, _fail_at_step
 
     return Sweep(

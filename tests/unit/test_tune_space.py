@@ -136,6 +136,9 @@ def test_load_sweep_reads_the_yaml_and_checks_everything_before_starting(tmp_pat
     )
     assert not trial.tracking.register_model  # the driver registers the sweep's best trial, once
 
+    with pytest.raises(ConfigError, match=r"ray\.storage_path='s3://bucket/runs' is not allowed for a sweep"):
+        load_sweep(sweep_yaml, ["ray.storage_path=s3://bucket/runs"], tmp_path)
+
     sweep_yaml.write_text(sweep_yaml.read_text().replace("600000", "60"))
     with pytest.raises(ConfigError, match=r"search\.model\.params=60 is rejected"):
         load_sweep(sweep_yaml, [], tmp_path)

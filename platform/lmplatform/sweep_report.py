@@ -79,7 +79,7 @@ def open_parent(sweep: Sweep, resuming: bool) -> str:
     tags = {
         SWEEP_TAG: sweep.path,
         ROLE_TAG: "sweep",
-        "lmlab.experiment": str(sweep.base.get("name", "")),
+        "lmlab.experiment": sweep.config({}).name,
         "mlflow.source.name": "lm sweep",
         NOTE_TAG: f"sweep {sweep.name}: {_fmt_space(params)}",
     }
@@ -185,13 +185,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
-def flat_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The trials table with ``params`` spread into one column per searched key (CSV, markdown, terminal)."""
+def flat_rows(trials: list[dict[str, Any]], wide: bool = True) -> list[dict[str, Any]]:
+    """The trials table with ``params`` spread into one column per searched key (CSV, markdown); ``wide=False``
+    leaves out the run id and checkpoint path (the terminal's summary: `lm runs compare` has them)."""
     out = []
     for t in trials:
         row = {"trial_id": t["trial_id"], "status": t["status"]}
         row |= {k: v for k, v in (t["params"] or {}).items()}
         row |= {k: t[k] for k in COLUMNS if k not in ("trial_id", "status", "params")}
+        if not wide:
+            row = {k: v for k, v in row.items() if k not in ("run_id", "checkpoint")}
         out.append(row)
     return out
 
@@ -307,7 +310,7 @@ def draw_plots(series: dict[str, Any], out: Path, title: str) -> list[Path]:
         ax.set_ylabel("dev loss (nats/token)")
         ax.set_title(f"{title}: dev loss of every trial")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2 if len(series["dev_loss_curves"]) > 12 else 1)
         fig.tight_layout()
         fig.savefig(out / CURVES_PNG)
         written.append(out / CURVES_PNG)
@@ -315,7 +318,10 @@ def draw_plots(series: dict[str, Any], out: Path, title: str) -> list[Path]:
         fig = Figure(figsize=(7, 5), dpi=100)
         ax = fig.subplots()
         for status, points in sorted(series["bpb_vs_params"].items()):
-            ax.scatter([p[0] for p in points], [p[1] for p in points], label=status.lower())
+            label = {"TERMINATED": "trained its whole budget", "KILLED": "stopped early by the scheduler"}
+            ax.scatter(
+                [p[0] for p in points], [p[1] for p in points], label=label.get(status, status.lower())
+            )
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
         ax.set_ylabel("final dev bits per byte")
@@ -442,7 +448,7 @@ def summary(outcome: SweepOutcome) -> str:
     sweep = outcome.sweep
     lines = [
         f"sweep {sweep.name}: {len(outcome.trials)} trials ({sweep.path})",
-        format_table(flat_rows(outcome.trials)),
+        format_table(flat_rows(outcome.trials, wide=False)),
     ]
     failed = [t["trial_id"] for t in outcome.trials if t["status"] == "FAILED"]
     if failed:

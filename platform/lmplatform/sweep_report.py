@@ -45,6 +45,7 @@ COLUMNS = (
 CURVES_PNG = "dev_loss_curves.png"
 BPB_PNG = "bpb_vs_params.png"
 PLOT_DATA = "plots.json"  # the series each PNG draws, so the plots can be checked and re-drawn
+_STATUS_LABELS = {"TERMINATED": "trained its whole budget", "KILLED": "stopped early by the scheduler"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -318,9 +319,8 @@ def draw_plots(series: dict[str, Any], out: Path, title: str) -> list[Path]:
         fig = Figure(figsize=(7, 5), dpi=100)
         ax = fig.subplots()
         for status, points in sorted(series["bpb_vs_params"].items()):
-            label = {"TERMINATED": "trained its whole budget", "KILLED": "stopped early by the scheduler"}
             ax.scatter(
-                [p[0] for p in points], [p[1] for p in points], label=label.get(status, status.lower())
+                [p[0] for p in points], [p[1] for p in points], label=_STATUS_LABELS.get(status, status)
             )
         ax.set_xscale("log")
         ax.set_xlabel("parameters")

@@ -29,7 +29,15 @@ from lmplatform.tracking import (
     _quote,
     mlflow_client,
 )
-from lmplatform.tune import PARENT_TAG, SWEEP_TAG, TRIAL_TAG, Sweep, SweepOutcome, trained_budget
+from lmplatform.tune import (
+    PARENT_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    Sweep,
+    SweepOutcome,
+    stopped_note,
+    trained_budget,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -346,7 +354,7 @@ def conclude(outcome: SweepOutcome) -> None:
     parent = outcome.parent_run_id
     client = mlflow_client(str(sweep.pcfg.tracking.uri)) if parent is not None else None
     if client is not None:
-        _end_children(client, trials, outcome.interrupted)
+        _end_children(client, sweep, trials)
     report_dir = Path(sweep.path) / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "trials.csv").write_text(to_csv(trials))
@@ -392,7 +400,7 @@ def conclude(outcome: SweepOutcome) -> None:
     client.set_terminated(parent, status=status)
 
 
-def _end_children(client: MlflowClient, trials: list[dict[str, Any]], interrupted: bool) -> None:
+def _end_children(client: MlflowClient, sweep: Sweep, trials: list[dict[str, Any]]) -> None:
     """Every child ends with its trial's status: what the driver's callback missed (a killed driver, an
     interrupted sweep), and a stopped trial whose process, torn down by Tune, ended its own run FAILED."""
     from mlflow.entities import RunTag
@@ -401,7 +409,7 @@ def _end_children(client: MlflowClient, trials: list[dict[str, Any]], interrupte
         if not t["run_id"]:
             continue
         run = client.get_run(t["run_id"])
-        stopped = t["status"] == "KILLED" and run.info.status == "FAILED"
+        stopped = t["status"] == "KILLED" and run.info.status != "FINISHED"  # whatever its process wrote last
         if run.info.status != "RUNNING" and not stopped:
             continue
         status = {"TERMINATED": "FINISHED", "FAILED": "FAILED"}.get(t["status"], "KILLED")
@@ -409,7 +417,7 @@ def _end_children(client: MlflowClient, trials: list[dict[str, Any]], interrupte
         if t["status"] == "RUNNING":
             note = "sweep interrupted: run the same `lm sweep` again to resume"
         elif t["status"] == "KILLED":
-            note = f"stopped by the scheduler at step {t['step'] or 0:,}"
+            note = stopped_note(sweep, t["step"], t["dev_loss"])
         if note:
             client.log_batch(t["run_id"], tags=[RunTag(NOTE_TAG, note)])
         if stopped and FAILURE_TAG in run.data.tags:

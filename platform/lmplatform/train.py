@@ -349,7 +349,10 @@ def run_training(
             try:
                 result = _fit(build_trainer(rc, loop_config))
             except Exception as exc:  # the worker's own error, not Ray's wrapper, says why
-                if tracker is not None:
+                if tracker is not None and stop.requested:
+                    # A stop (a sweep's scheduler) tore the run down; whoever stopped it says why in the note.
+                    tracker.end("KILLED")
+                elif tracker is not None:
                     tracker.fail(failure_reason(exc))
                 raise
             outcome = _outcome(result, rc, root, tracker)

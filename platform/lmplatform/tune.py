@@ -31,6 +31,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from lm.config import (
 )
 from lmplatform.config import PlatformConfig, load_platform_config
 from lmplatform.sizes import PARAMS_KEY, count_params, shape_for_params
+from lmplatform.train import FAIL_ENV, PlatformError, StopRequest, _fail_at_step, ensure_ray, run_training
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -303,7 +305,6 @@ def load_sweep(
             f"{key}={storage!r} is not allowed for a sweep: a directory (on every node of a cluster: a shared one)"
         )
     storage_dir = (base / Path(storage).expanduser()).resolve()
-    from lmplatform.train import FAIL_ENV, _fail_at_step
 
     return Sweep(
         name=name,
@@ -380,7 +381,6 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> dict[str, float] | None:
     from ray.train._internal.session import get_session
 
     from lm.train import RunFinishedError
-    from lmplatform.train import FAIL_ENV, StopRequest, run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = sweep.config(params)
@@ -391,8 +391,9 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> dict[str, float] | None:
     if pcfg.tracking.enabled and sweep.parent_run_id is not None:
         run_id = _child_run(sweep, trial_id, params)
     workers = pcfg.ray.num_workers
-    queue = get_session()._get_or_create_inter_actor_queue() if workers > 0 else None
-    stop = StopRequest()
+    session = get_session()
+    queue = session._get_or_create_inter_actor_queue() if workers > 0 else None
+    stop = _TrialStop(session.stop_event)
     reporter = TrialReporter(
         queue, cfg.tokens_per_step * max(1, workers), count_params(cfg.model), stop if queue is None else None
     )
@@ -404,6 +405,22 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> dict[str, float] | None:
     except RunFinishedError as exc:  # it finished, but the driver was killed before Tune recorded it
         step, metrics = exc.step, exc.metrics
     return reporter.final(step, metrics)
+
+
+class _TrialStop(StopRequest):
+    """A trial's stop request, also set once Tune stops the trial (its session's stop event): a Train run torn
+    down by that stop then ends KILLED, not FAILED."""
+
+    def __init__(self, tune_stop: threading.Event) -> None:
+        super().__init__()
+        self.tune_stop = tune_stop
+
+    @property
+    def requested(self) -> bool:
+        """A stop was requested here, or Tune is stopping the trial."""
+        if self.tune_stop.is_set() and self.signal_name is None:
+            self.signal_name = "stopped by the scheduler"
+        return self.event.is_set() or self.tune_stop.is_set()
 
 
 def _child_run(sweep: Sweep, trial_id: str, params: Mapping[str, Any]) -> str:
@@ -474,10 +491,9 @@ class SweepCallback(Callback):
         last = trial.last_result or {}
         if not trained_budget(self.sweep, trial.trial_id, last):  # stopped by the scheduler: the actor dies
             step = int(last.get("step", 0))
-            note = f"stopped by the {self.sweep.pcfg.tune.scheduler.upper()} scheduler at step {step:,}"
-            if "dev_loss" in last:
-                note += f" (dev loss {last['dev_loss']:.4f})"
-            self._end_child(trial.trial_id, "KILLED", note, step)
+            self._end_child(
+                trial.trial_id, "KILLED", stopped_note(self.sweep, step, last.get("dev_loss")), step
+            )
         self._show(trials, force=True)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -512,10 +528,13 @@ class SweepCallback(Callback):
             if run_id is None:
                 return
             self._children[trial_id] = run_id
-            current = client.get_run(run_id).info.status
-            # FAILED too for KILLED: a trial Tune tears down may end its own run FAILED first
-            if current != "RUNNING" and not (status == "KILLED" and current == "FAILED"):
+            run = client.get_run(run_id)
+            # a stopped trial's own process may end its run first (KILLED; FAILED when torn down mid-report):
+            # the scheduler's stop is what happened, so it is written over
+            if run.info.status != "RUNNING" and not (status == "KILLED" and run.info.status != "FINISHED"):
                 return
+            if status == "KILLED" and "lmlab.failure" in run.data.tags:
+                client.delete_tag(run_id, "lmlab.failure")
             from mlflow.entities import RunTag
 
             all_tags = {"mlflow.note.content": note, **(tags or {})}
@@ -566,6 +585,12 @@ class SweepCallback(Callback):
         self._lines = 0  # never redraw over a message
 
 
+def stopped_note(sweep: Sweep, step: int | None, dev_loss: float | None) -> str:
+    """The description of a child run whose trial the scheduler stopped."""
+    note = f"stopped by the {sweep.pcfg.tune.scheduler.upper()} scheduler at step {step or 0:,}"
+    return note + (f" (dev loss {dev_loss:.4f})" if dev_loss is not None else "")
+
+
 def trained_budget(sweep: Sweep, trial_id: str, last: Mapping[str, Any]) -> bool:
     """Whether a trial Tune ended trained its whole budget: its last report says so, or its run directory
     does (the scheduler may stop a trial at its final dev report, after the loop finished)."""
@@ -607,7 +632,6 @@ def run_sweep(
 
     from lm.checkpoint import run_lock
     from lmplatform import sweep_report
-    from lmplatform.train import ensure_ray
 
     sweep = load_sweep(path, overrides, base_dir)
     Path(sweep.path).mkdir(parents=True, exist_ok=True)
@@ -697,8 +721,6 @@ def _trial_resources(pcfg: PlatformConfig) -> dict[str, float]:
     need = trial_cpus + rc.num_workers * rc.cpus_per_worker
     have = ray.cluster_resources().get("CPU", 0.0)
     if need > have:
-        from lmplatform.train import PlatformError
-
         raise PlatformError(
             f"one trial needs {need:g} CPUs (ray.num_workers={rc.num_workers}, ray.cpus_per_worker="
             f"{rc.cpus_per_worker:g}, plus {trial_cpus:g} for the trial) but the Ray cluster has {have:g}: "

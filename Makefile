@@ -73,7 +73,7 @@ job: setup ## submit `lm train EXP` to the Ray cluster at RAY_ADDRESS (ray job s
 	$(BIN)/ray job submit --working-dir . --runtime-env-json '{"py_modules": ["lm", "platform/lmplatform"]}' \
 		-- python -m lmplatform train $(EXP) ray.storage_path=$(JOB_STORAGE) data.cache_dir=$(JOB_DATA) $(JOB_TRACKING) $(ARGS)
 
-bench: setup ## throughput, generation and MFU benchmarks (print a table, write bench/results/*.json)
+bench: setup ## throughput, generation, MFU and serving-load benchmarks (tables; bench/results/*.json); ARGS='--only train' for one
 	$(BIN)/python -m bench.run $(ARGS)
 
 bench-serve: setup ## lm serve under load per batching mode (minutes; bench/results/serve.json); ARGS='--soak-seconds 300' soaks

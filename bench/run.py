@@ -1,6 +1,7 @@
-"""Benchmarks: training throughput against transformers' GPT-2, KV-cache generation, and MFU.
+"""Benchmarks: training throughput against transformers' GPT-2, KV-cache generation, MFU, and serving under load.
 
-    python -m bench.run                       # everything, on CPU with the current thread count
+    python -m bench.run                       # everything, on CPU with the current thread count (serve: minutes)
+    python -m bench.run --only train,generate,mfu   # without the serving load test
     python -m bench.run --only train --device cuda --amp bf16
 
 Speeds of two models are measured alternately in one process (the same process can run 25% faster or slower
@@ -190,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", default="train,generate,mfu", help="train,generate,mfu,serve")
+    parser.add_argument(
+        "--only",
+        default="train,generate,mfu,serve",
+        help="a comma-separated subset of train,generate,mfu,serve",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
     parser.add_argument("--compile", action="store_true")

@@ -409,7 +409,8 @@ def _end_children(client: MlflowClient, sweep: Sweep, trials: list[dict[str, Any
         if not t["run_id"]:
             continue
         run = client.get_run(t["run_id"])
-        stopped = t["status"] == "KILLED" and run.info.status != "FINISHED"  # whatever its process wrote last
+        # a stopped trial's run ends KILLED whatever its process wrote last (but one already KILLED keeps its time)
+        stopped = t["status"] == "KILLED" and run.info.status not in ("FINISHED", "KILLED")
         if run.info.status != "RUNNING" and not stopped:
             continue
         status = {"TERMINATED": "FINISHED", "FAILED": "FAILED"}.get(t["status"], "KILLED")
@@ -422,7 +423,8 @@ def _end_children(client: MlflowClient, sweep: Sweep, trials: list[dict[str, Any
             client.log_batch(t["run_id"], tags=[RunTag(NOTE_TAG, note)])
         if stopped and FAILURE_TAG in run.data.tags:
             client.delete_tag(t["run_id"], FAILURE_TAG)
-        client.set_terminated(t["run_id"], status=status)
+        # a run its process already ended keeps its end time: the duration the UI shows is the trial's own
+        client.set_terminated(t["run_id"], status=status, end_time=run.info.end_time or None)
 
 
 def _tag_best(client: MlflowClient, trials: list[dict[str, Any]], best: dict[str, Any]) -> None:

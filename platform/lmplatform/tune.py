@@ -541,7 +541,7 @@ class SweepCallback(Callback):
             if step is not None:
                 all_tags["lmlab.step"] = str(step)
             client.log_batch(run_id, tags=[RunTag(k, v[:5000]) for k, v in all_tags.items()])
-            client.set_terminated(run_id, status=status)
+            client.set_terminated(run_id, status=status, end_time=run.info.end_time or None)
         except Exception as exc:  # a tracking hiccup must not stop the sweep; the final pass tries again
             log.warning("could not end the MLflow run of trial %s: %s", trial_id, exc)
 

@@ -218,3 +218,21 @@ def with_group_gone(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def test_the_final_pass_keeps_the_end_time_of_a_trial_already_stopped(mlflow_store: str) -> None:
+    """A trial ASHA stopped early keeps the duration it ran (the UI's Duration column), not the sweep's."""
+    from lmplatform.sweep_report import _end_children
+
+    client = mlflow_client(mlflow_store)
+    experiment = client.create_experiment("ends")
+    stopped, running = (client.create_run(experiment).info for _ in range(2))
+    client.set_terminated(stopped.run_id, status="KILLED", end_time=stopped.start_time + 1500)
+    trials = [
+        {"run_id": stopped.run_id, "status": "KILLED", "step": 5, "dev_loss": 4.0},
+        {"run_id": running.run_id, "status": "TERMINATED", "step": 20, "dev_loss": 3.0},
+    ]
+    _end_children(client, None, trials)  # type: ignore[arg-type]
+    kept = client.get_run(stopped.run_id).info
+    assert kept.status == "KILLED" and kept.end_time == stopped.start_time + 1500
+    assert client.get_run(running.run_id).info.status == "FINISHED"

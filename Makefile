@@ -34,7 +34,7 @@ SWEEP ?= experiments/sweep.yaml
 sweep: setup ## search sizes, LR schedules and peak LRs with Ray Tune (ASHA), tracked in MLflow; see README "Sweeps"
 	$(BIN)/lm sweep $(SWEEP) $(ARGS)
 
-scaling: setup ## iso-time study: the compute-optimal model size per training budget (about 40 min)
+scaling: setup ## iso-time study: the compute-optimal model size per training budget (about 23 min)
 	$(BIN)/lm sweep experiments/scaling.yaml $(ARGS)
 
 data: setup ## prepare the tokenizer and token cache for EXP

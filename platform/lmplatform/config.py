@@ -153,6 +153,15 @@ class ServeConfig(Section):
     app_name: str = "lmlab"
     route_prefix: str = "/"
     pid_file: str = "runs/serve.pid"  # where `lm serve` records itself for `lm serve --stop`
+    startup_timeout_s: float = 180.0  # `lm serve` gives up when the replicas are not running by then
+
+    def max_request_rows(self) -> int | None:
+        """The most rows (prompts x n) one request may need: what one replica's engine holds at once.
+
+        None for ``batching: static``, whose rows wait in Serve's batch queue without a bound."""
+        if self.batching == "static":
+            return None
+        return (1 if self.batching == "none" else self.max_batch_size) + self.max_queued_requests
 
     def validate(self) -> None:
         check(bool(self.host) and " " not in self.host, "serve.host", self.host, "an address: 127.0.0.1")
@@ -177,6 +186,16 @@ class ServeConfig(Section):
             check(len(self.api_key) >= 8, "serve.api_key", "<hidden>", "8 characters or more (null: none)")
         check(self.route_prefix.startswith("/"), "serve.route_prefix", self.route_prefix, "must start with /")
         check_name(self.app_name, "serve.app_name")
+        check(self.startup_timeout_s > 0, "serve.startup_timeout_s", self.startup_timeout_s, "must be > 0")
+        rows = self.max_request_rows()
+        check(
+            rows is None or self.max_n <= rows,
+            "serve.max_n",
+            self.max_n,
+            f"at most {rows}: one prompt with n=max_n must fit a replica's "
+            "serve.max_batch_size + serve.max_queued_requests rows (1 + serve.max_queued_requests with "
+            "batching: none)",
+        )
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,8 @@ class Limits:
     max_n: int
     max_stop: int
     max_body_bytes: int
+    # prompts x n that one replica holds at once (None: no bound, static batching)
+    max_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,16 @@ def parse_completion(data: dict[str, Any], limits: Limits, vocab_size: int) -> P
     assert n is not None
     if len(prompts) > _MAX_PROMPTS:
         raise RequestError(f"prompt has {len(prompts)} prompts: at most {_MAX_PROMPTS} per request", "prompt")
+    rows = len(prompts) * n
+    if limits.max_rows is not None and rows > limits.max_rows:
+        # it could never fit, even on an idle server: a 503 would be retried for ever
+        raise RequestError(
+            f"this request needs {rows} rows ({len(prompts)} prompt(s) x n={n}); this server takes at most "
+            f"{limits.max_rows} at once (serve.max_batch_size + serve.max_queued_requests): send fewer prompts "
+            "or a smaller n",
+            "n" if n > 1 else "prompt",
+            "too_many_rows",
+        )
     stream = _bool(data, "stream")
     options = data.get("stream_options")
     include_usage = False
@@ -498,10 +510,31 @@ async def _merge(streams: list[Any]) -> AsyncIterator[tuple[int, Any]]:
 
 
 def load_model(ref: str | None, tracking_uri: str, experiment: str, device: str = "cpu") -> Any:
-    """The model to serve: ``lmplatform.models.load_served_model`` (registry alias, run id or directory)."""
-    from lmplatform.models import load_served_model
+    """The model to serve: ``lmplatform.models.load_served_model`` (registry alias, run id or directory).
 
-    return load_served_model(ref, tracking_uri, experiment, device)
+    A registry model or run is downloaded into a temporary directory that is removed as soon as the weights are
+    in memory: a Serve replica never runs atexit hooks, so nothing may wait for the process to exit.
+    """
+    import shutil
+    import tempfile
+
+    from lmplatform.models import default_model_ref, is_mlflow_ref, load_served_model, resolve_model
+
+    ref = ref or default_model_ref(experiment)
+    if not is_mlflow_ref(ref):
+        return load_served_model(ref, tracking_uri, experiment, device)
+    dest = Path(tempfile.mkdtemp(prefix="lmlab-served-"))
+    try:
+        found = resolve_model(ref, tracking_uri, dest)
+        served = load_served_model(str(found.checkpoint), tracking_uri, experiment, device)
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+    info = {
+        **served.info, "name": found.registered_model or served.cfg.name, "source": found.source,
+        "run_id": found.run_id, "registered_model": found.registered_model, "version": found.version,
+        "metrics": found.metrics, "checkpoint": None,  # downloaded, loaded, removed
+    }  # fmt: skip
+    return dataclasses.replace(served, info=info)
 
 
 # The deployment comes after every helper it calls: serve.ingress copies the class when it is defined, with
@@ -528,8 +561,9 @@ class LMServer:
         self.name = str(self.served.info.get("name") or settings.experiment)
         block = self.served.cfg.model.block_size
         self.limits = Limits(
-            cfg.max_prompt_tokens or block, cfg.max_new_tokens, cfg.max_n, cfg.max_stop, cfg.max_body_bytes
-        )
+            cfg.max_prompt_tokens or block, cfg.max_new_tokens, cfg.max_n, cfg.max_stop, cfg.max_body_bytes,
+            cfg.max_request_rows(),
+        )  # fmt: skip
         s = self.served.cfg.sample
         self.defaults = {
             "temperature": s.temperature,
@@ -565,8 +599,9 @@ class LMServer:
     def _check_auth(self, request: Request) -> None:
         if self.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        ok = hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        if not (ok and scheme.lower() == "bearer"):  # the scheme is case-insensitive (RFC 7235)
             raise RequestError(
                 "missing or wrong API key: send the header 'Authorization: Bearer <serve.api_key>'",
                 None, "invalid_api_key", 401, "authentication_error", {"WWW-Authenticate": "Bearer"},
@@ -998,39 +1033,76 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
     """Start Ray and Serve, deploy, print how to call it, and block until SIGINT/SIGTERM; then shut it all down.
 
     Without ``ray.address`` / RAY_ADDRESS this starts its own local Ray and stops it on exit; on a cluster it
-    joins, it deletes only its own application.
+    joins, it deletes only its own application. One SIGINT/SIGTERM also aborts a startup under way.
     """
     import ray
+    from ray.serve.api import RunTarget
 
     cfg = settings.serve
-    check_port_free(cfg.host, cfg.port)
-    if settings.api_key is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serve.host=%s accepts connections from other machines and no API key is set", cfg.host)
-    served = load_model(
-        settings.model_ref, settings.tracking_uri, settings.experiment, "cpu"
-    )  # fail fast, here
-    name = served.info.get("name") or settings.experiment
     where = ray_address or os.environ.get("RAY_ADDRESS")
     own_cluster = not where or where == "local"
-    stop = _Stop()
     pid_file = Path(cfg.pid_file)
-    ray.init(
-        address=where or "local",
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        logging_config=ray.LoggingConfig(log_level="ERROR"),
-    )
+    check_pid_file(pid_file)
+    if own_cluster:
+        check_port_free(cfg.host, cfg.port)
+    if settings.api_key is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serve.host=%s accepts connections from other machines and no API key is set", cfg.host)
+    stop = _Stop()
+    restore_signals = _on_signals(stop)  # before anything slow: a signal during startup aborts it
+    deployed = False
+    bye = "shutting Serve and Ray down"
+    if not own_cluster:
+        bye = f"deleting application {cfg.app_name} from the Ray cluster at {where} (Serve and Ray keep running)"
     try:
-        _on_signals(stop)  # after ray.init, which installs its own SIGTERM handler
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        serve.run(build_app(settings), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
-        pid_file.parent.mkdir(parents=True, exist_ok=True)
-        pid_file.write_text(f"{os.getpid()}\n")
-        url = f"http://{_url_host(cfg.host)}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-        auth = ' -H "Authorization: Bearer $LMLAB_API_KEY"' if settings.api_key else ""
+        _write_pid_file(pid_file)  # `lm serve --stop` reaches a startup too
+        served = load_model(
+            settings.model_ref, settings.tracking_uri, settings.experiment, "cpu"
+        )  # fail fast
+        name = served.info.get("name") or settings.experiment
+        if not stop.event.is_set():
+            try:
+                ray.init(
+                    address=where or "local",
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    logging_config=ray.LoggingConfig(log_level="ERROR"),
+                )
+            except ConnectionError as exc:
+                raise ServeError(
+                    f"cannot join the Ray cluster at {where} (ray.address / RAY_ADDRESS): {_short(str(exc))}"
+                ) from None
+            _on_signals(stop)  # again: ray.init installs its own SIGTERM handler
+        if not stop.event.is_set():
+            check_resources(cfg, ray.cluster_resources())
+            host, port = _start_serve(cfg, own_cluster, where, print_fn)
+            print_fn(
+                f"lm serve: starting {cfg.replicas} replica(s) of {name} (serve.startup_timeout_s="
+                f"{cfg.startup_timeout_s:g}; Ctrl-C aborts)",
+                flush=True,
+            )
+            target = RunTarget(build_app(settings), name=cfg.app_name, route_prefix=cfg.route_prefix)
+            serve.run_many(
+                [target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False
+            )
+            deployed = True
+            _wait_running(cfg, stop)
+        if stop.event.is_set():
+            print_fn(f"lm serve: {stop.reason} during startup: {bye}", flush=True)
+            return stop.exit_code
+        url = f"http://{_url_host(host)}:{port}{cfg.route_prefix.rstrip('/')}"
+        _write_pid_file(pid_file, url)
         print_fn(f"serving {name} ({served.info.get('source') or settings.model_ref}) at {url}", flush=True)
-        print_fn(f"  {cfg.batching} batching, {cfg.replicas} replica(s), max batch {cfg.max_batch_size}"
-                 f"{', bearer auth on' if settings.api_key else ''}; Ctrl-C or `lm serve --stop` stops it", flush=True)  # fmt: skip
+        batch = "one request at a time" if cfg.batching == "none" else f"max batch {cfg.max_batch_size}"
+        auth, key_from = "", ""
+        if settings.api_key is not None:  # never print the key itself
+            key_from = "serve.api_key in the config" if cfg.api_key else f"${API_KEY_ENV}"
+            auth = f' -H "Authorization: Bearer {"<serve.api_key>" if cfg.api_key else "$" + API_KEY_ENV}"'
+        auth_on = f", bearer auth on (key: {key_from})" if key_from else ""
+        print_fn(
+            f"  {cfg.batching} batching ({batch}), {cfg.replicas} replica(s){auth_on}; Ctrl-C or `lm serve --stop` "
+            "stops it",
+            flush=True,
+        )
         print_fn(
             f"  curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} "
             f"""-d '{{"model": "{name}", "prompt": "ROMEO:", "max_tokens": 32}}'""",
@@ -1038,18 +1110,98 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
         )
         while not stop.event.wait(0.5):
             pass
-        print_fn(f"lm serve: {stop.reason}: shutting Serve and Ray down", flush=True)
+        print_fn(f"lm serve: {stop.reason}: {bye}", flush=True)
+        return 0
     finally:
-        with contextlib.suppress(Exception):
-            if own_cluster:
-                serve.shutdown()
-            else:
-                serve.delete(cfg.app_name)
-        ray.shutdown()
-        with contextlib.suppress(OSError):
-            if pid_file.read_text().strip() == str(os.getpid()):
-                pid_file.unlink()
-    return 0
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):
+                if own_cluster:
+                    serve.shutdown()
+                elif deployed:
+                    serve.delete(cfg.app_name)
+            ray.shutdown()
+        _remove_pid_file(pid_file)
+        restore_signals()
+
+
+def check_resources(cfg: ServeConfig, resources: dict[str, float]) -> None:
+    """Refuse at once replicas the Ray cluster can never place (Serve would wait for them for ever)."""
+    cpus, need = float(resources.get("CPU", 0.0)), cfg.replicas * cfg.num_cpus
+    if need > cpus + 1e-9:
+        each = math.floor(cpus / cfg.replicas * 100) / 100
+        raise ServeError(
+            f"serve.replicas={cfg.replicas} x serve.num_cpus={cfg.num_cpus:g} needs {need:g} CPUs but the Ray "
+            f"cluster has {cpus:g}: lower serve.replicas or serve.num_cpus (e.g. serve.num_cpus={each:g})"
+        )
+    gpus = float(resources.get("GPU", 0.0))
+    if cfg.device == "cuda" and cfg.replicas > gpus:
+        raise ServeError(
+            f"serve.device=cuda needs one GPU per replica (serve.replicas={cfg.replicas}) but the Ray cluster "
+            f"has {gpus:g} GPUs: use serve.device=cpu (or auto), or fewer replicas"
+        )
+
+
+def _start_serve(cfg: ServeConfig, own_cluster: bool, where: str | None, print_fn: Any) -> tuple[str, int]:
+    """Start Serve on serve.host:port; on a cluster where it already runs, refuse a taken app name or route
+    prefix and return where its proxy really listens (Serve's HTTP options are fixed when it first starts)."""
+    from ray.serve.context import _get_global_client
+
+    client = None if own_cluster else _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        if not own_cluster:
+            check_port_free(cfg.host, cfg.port)
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        return cfg.host, cfg.port
+    apps = client.get_serve_details().get("applications") or {}
+    if cfg.app_name in apps:
+        raise ServeError(
+            f"serve.app_name={cfg.app_name} is already running on the Ray cluster at {where} (another lm serve?): "
+            "pick another name with serve.app_name=NAME, or stop that one first"
+        )
+    for other, details in apps.items():
+        if (details or {}).get("route_prefix") == cfg.route_prefix:
+            raise ServeError(
+                f"serve.route_prefix={cfg.route_prefix} is taken by application {other} on the Ray cluster at "
+                f"{where}: pick another with serve.route_prefix=/NAME"
+            )
+    http = client.http_config
+    if (http.host, http.port) != (cfg.host, cfg.port):
+        print_fn(
+            f"lm serve: Serve already runs on this cluster at {http.host}:{http.port} (its HTTP options are "
+            f"fixed when it first starts): serving there, not at {cfg.host}:{cfg.port}",
+            flush=True,
+        )
+    return http.host, http.port
+
+
+def _wait_running(cfg: ServeConfig, stop: "_Stop") -> None:
+    """Wait until the application runs; ServeError when it failed or serve.startup_timeout_s passed first."""
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + cfg.startup_timeout_s
+    while not stop.event.wait(0.5):
+        app = serve.status().applications.get(cfg.app_name)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        why = "" if app is None else _short(app.message or _deployment_messages(app))
+        if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
+            raise ServeError(f"serve.app_name={cfg.app_name} failed to start: {why}")
+        if time.monotonic() > deadline:
+            raise ServeError(
+                f"the replicas were not running {cfg.startup_timeout_s:g}s after the start "
+                f"(serve.startup_timeout_s): {_short(_deployment_messages(app)) if app else 'not deployed'}"
+            )
+
+
+def _deployment_messages(app: Any) -> str:
+    return "; ".join(d.message for d in app.deployments.values() if d.message) or f"status {app.status}"
+
+
+def _short(message: str, limit: int = 600) -> str:
+    """A Serve status message on one line: its first line and, for a traceback, the exception at its end."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    text = lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _url_host(host: str) -> str:
@@ -1064,30 +1216,81 @@ class _Stop:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.reason = "stopped"
+        self.signum = 0
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal, as a shell reports a process it ended."""
+        return 128 + self.signum if self.signum else 1
 
 
-def _on_signals(stop: _Stop) -> None:
-    """SIGINT/SIGTERM set ``stop``; a second one acts as it would without us (Ctrl-C twice aborts)."""
+def _on_signals(stop: _Stop) -> Any:
+    """SIGINT/SIGTERM set ``stop``; a second one only says a shutdown is under way (stopping Ray halfway would
+    orphan its agents); a third acts as it would without us. Returns a function restoring the old handlers."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return lambda: None
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen = []
 
     def handler(signum: int, frame: Any) -> None:
-        for s in previous:
-            signal.signal(s, signal.SIG_DFL if s == signal.SIGTERM else signal.default_int_handler)
-        stop.reason = signal.Signals(signum).name
-        stop.event.set()
+        seen.append(signum)
+        if not stop.event.is_set():
+            stop.reason, stop.signum = signal.Signals(signum).name, signum
+            stop.event.set()
+            return
+        print(
+            f"lm serve: {signal.Signals(signum).name} again: already shutting down (once more forces it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     for s in previous:
         signal.signal(s, handler)
+
+    def restore() -> None:
+        for s, old in previous.items():
+            with contextlib.suppress(TypeError, ValueError):
+                signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+    return restore
+
+
+def check_pid_file(path: Path) -> None:
+    """Refuse to start when ``path`` names a live ``lm serve`` (its ``--stop`` could not reach it any more);
+    remove it when stale."""
+    try:
+        fields = path.read_text().split()
+    except OSError:
+        return
+    pid = int(fields[0]) if fields and fields[0].isdigit() else None
+    if pid is not None and pid != os.getpid() and _is_lm_serve(pid):
+        at = f" at {fields[1]}" if len(fields) > 1 else " (starting)"
+        raise ServeError(
+            f"serve.pid_file={path} names a running lm serve (pid {pid}{at}): stop it first (`lm serve --stop` "
+            f"with the same serve.pid_file, or kill -INT {pid}), or give this server its own serve.pid_file=PATH"
+        )
+    path.unlink(missing_ok=True)
+
+
+def _write_pid_file(path: Path, url: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}\n" + (f"{url}\n" if url else ""))
+
+
+def _remove_pid_file(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.read_text().split()[:1] == [str(os.getpid())]:
+            path.unlink()
 
 
 def stop_server(pid_file: str | Path, timeout: float = 60.0) -> str:
     """Send SIGTERM to the ``lm serve`` recorded in ``pid_file`` and wait for it to exit; a message."""
     path = Path(pid_file)
     try:
-        pid = int(path.read_text().strip())
-    except (OSError, ValueError):
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
         raise ServeError(
             f"no server to stop: {path} does not exist or holds no pid (was it started with lm serve?)"
         ) from None
@@ -1140,9 +1343,9 @@ def stream_from_server(
     headers = {"Content-Type": "application/json", "Accept": _SSE}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(
-        url.rstrip("/") + "/v1/generate", json.dumps(body).encode(), headers, method="POST"
-    )
+    base = url.rstrip("/")
+    base = base.removesuffix("/v1")  # the openai client's base URL form names the same server
+    request = urllib.request.Request(base + "/v1/generate", json.dumps(body).encode(), headers, method="POST")
     final: dict[str, Any] = {}
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

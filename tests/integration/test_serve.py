@@ -88,6 +88,7 @@ def server(ray_cluster: None, trained: dict[str, Any]) -> Iterator[str]:
                 API_KEY,
                 max_batch_size=1,
                 max_queued_requests=1,
+                max_n=2,  # one prompt with n=max_n must fit the replica's 2 rows
                 backpressure_status=429,
                 retry_after_s=2,
                 max_new_tokens=400,
@@ -203,6 +204,7 @@ def test_model_info_healthz_and_metrics(http: httpx.Client, trained: dict[str, A
     assert info["id"] == NAME and info["registered_model"] == NAME and str(info["version"]) == "1"
     assert info["run_id"] and info["source"] == "models:/lmlab-itest@best"
     assert info["config"]["model"]["n_embd"] == 32 and "dev_bpb" in info["metrics"]
+    assert info["checkpoint"] is None  # the replica removed its downloaded copy once the weights were loaded
     assert (
         info["serving"]["batching"] == "continuous" and info["serving"]["limits"]["max_new_tokens"] == MAX_NEW
     )
@@ -395,6 +397,34 @@ def test_backpressure_answers_429_with_retry_after(server: str) -> None:
             ).status_code
             == 200
         )
+
+
+def test_a_request_that_can_never_fit_is_400_not_busy(server: str) -> None:
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": ["a", "b"], "n": 2, "max_tokens": 2}  # 4 rows; the guarded replica holds 2 at once
+    with httpx.Client(base_url=server, timeout=60) as client:
+        r = client.post("/guarded/v1/completions", json=body, headers=auth)
+        assert r.status_code == 400, r.text  # was 429 server_busy on an idle server, for ever
+        error = r.json()["error"]
+        assert error["param"] == "n" and error["code"] == "too_many_rows"
+        assert "needs 4 rows (2 prompt(s) x n=2); this server takes at most 2 at once" in error["message"]
+        body["n"] = 1
+        assert client.post("/guarded/v1/completions", json=body, headers=auth).status_code == 200
+
+
+def test_a_downloaded_model_leaves_no_copy_behind(
+    trained: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from lmplatform.serve import load_model
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp puts the download
+    served = load_model(f"models:/{NAME}@best", trained["uri"], trained["experiment"])
+    assert served.info["registered_model"] == NAME and served.info["name"] == NAME
+    assert str(served.info["version"]) == "1" and served.info["checkpoint"] is None
+    assert served.tokenizer.decode(served.tokenizer.encode("ROMEO:")) == "ROMEO:"
+    assert list(tmp_path.iterdir()) == []  # Serve replicas never run atexit: nothing may wait for it
 
 
 def test_streaming_completion_chunks_are_openai_shaped(http: httpx.Client) -> None:

@@ -8,6 +8,7 @@ LMLAB_API_KEY, and stops on `lm serve --stop` (SIGTERM) with exit 0, leaving no 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -103,8 +104,9 @@ def test_lm_serve_runs_in_the_foreground_and_stops_cleanly(
             time.sleep(0.5)
         url = f"http://127.0.0.1:{port}"
         assert f"serving itest ({checkpoint}) at {url}" in out
-        assert "bearer auth on" in out and f"curl -s {url}/v1/completions" in out
-        assert pid_file.read_text().strip() == str(server.pid)
+        assert "bearer auth on (key: $LMLAB_API_KEY)" in out and f"curl -s {url}/v1/completions" in out
+        assert '-H "Authorization: Bearer $LMLAB_API_KEY"' in out
+        assert pid_file.read_text().split() == [str(server.pid), url]
         family = _descendants(server.pid)  # Ray's processes, started by this server
         assert family
 
@@ -114,8 +116,12 @@ def test_lm_serve_runs_in_the_foreground_and_stops_cleanly(
         code, out, err = _lm(capsys, "generate", "--url", url, "--prompt", "ROMEO:", "--max-new-tokens", "8")
         assert code == 0 and out.startswith("ROMEO:") and len(out) > len("ROMEO:\n"), err
 
-        code, _, err = _lm(capsys, *args, *common)  # the same port again: refused at once, before Ray starts
+        code, _, err = _lm(capsys, *args, *common)  # the same pid file: refused, naming the live server
+        assert code == 2 and f"names a running lm serve (pid {server.pid} at {url})" in err, err
+        other = [f"serve.pid_file={tmp_path / 'other.pid'}", common[1]]
+        code, _, err = _lm(capsys, *args, *other)  # the same port: refused at once, before Ray starts
         assert code == 2 and f"serve.port={port} on 127.0.0.1 is not available" in err
+        assert pid_file.read_text().split()[0] == str(server.pid) and not (tmp_path / "other.pid").exists()
 
         code, out, err = _lm(capsys, "serve", "--stop", *common)  # what `make serve-stop` runs
         assert code == 0 and f"stopped lm serve (pid {server.pid})" in out, err
@@ -135,3 +141,108 @@ def test_lm_serve_runs_in_the_foreground_and_stops_cleanly(
     assert code == 2 and "no server to stop" in err
     code, _, err = _lm(capsys, "generate", "--url", url, "--prompt", "a")
     assert code == 2 and "is `lm serve` running there?" in err
+
+
+def _start(tmp_path: Path, name: str, args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / f"{name}.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([*LM, *args], stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+    return server, log
+
+
+def _wait_for(server: subprocess.Popen, log: Path, needle: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while needle not in (out := log.read_text()):
+        assert server.poll() is None, out
+        assert time.monotonic() < deadline, out
+        time.sleep(0.3)
+    return out
+
+
+def _all_gone(family: set[int], timeout: float = 30) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in family if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return alive
+
+
+def test_lm_serve_refuses_what_it_cannot_place_and_one_sigint_aborts_a_startup(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "serve.pid"
+    common = ["serve", "--model", str(checkpoint), "--port", str(_free_port()), f"serve.pid_file={pid_file}"]
+    # more CPUs than this machine's Ray has: refused at once (Serve would wait for the replicas for ever)
+    start = time.monotonic()
+    done = subprocess.run(
+        [*LM, *common, "serve.replicas=2", "serve.num_cpus=1000"], capture_output=True, text=True, env=_env(),
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "serve.replicas=2 x serve.num_cpus=1000 needs 2000 CPUs but the Ray cluster has" in done.stderr
+    assert "lower serve.replicas or serve.num_cpus" in done.stderr
+    assert time.monotonic() - start < 90 and not pid_file.exists()
+
+    # one Ctrl-C while the replica starts: Serve and Ray shut down, nothing left running, no pid file
+    server, log = _start(tmp_path, "abort", [*common, "serve.num_cpus=0.5", "serve.threads=1"], _env())
+    try:
+        _wait_for(server, log, "lm serve: starting 1 replica(s)")
+        family = _descendants(server.pid)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=90) == 128 + signal.SIGINT, log.read_text()
+        out = log.read_text()
+        assert "SIGINT during startup: shutting Serve and Ray down" in out and "serving " not in out
+        assert not _all_gone(family) and not pid_file.exists()
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_lm_serve_on_a_shared_cluster_never_takes_over_another_app(
+    ray_cluster: None, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Taken:
+        async def __call__(self, request: object) -> str:
+            return "first"
+
+    first_port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": first_port})
+    # joins this session's Ray, with this process's auth settings (the cluster's), not _env's "disabled"
+    env = {k: v for k, v in os.environ.items() if k != "LMLAB_API_KEY"}
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    pid_file = tmp_path / "serve.pid"
+    common = [
+        "serve", "--model", str(checkpoint), "--port", str(_free_port()), f"serve.pid_file={pid_file}",
+        "serve.num_cpus=0.1", "serve.threads=1",
+    ]  # fmt: skip
+    server = None
+    try:
+        serve.run(Taken.bind(), name="taken", route_prefix="/taken")
+        done = subprocess.run(
+            [*LM, *common, "serve.app_name=taken", "serve.route_prefix=/mine"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "serve.app_name=taken is already running on the Ray cluster at" in done.stderr
+        assert "pick another name with serve.app_name=NAME" in done.stderr
+
+        server, log = _start(
+            tmp_path, "second", [*common, "serve.app_name=second", "serve.route_prefix=/second"], env
+        )
+        out = _wait_for(server, log, "curl -s")
+        url = f"http://127.0.0.1:{first_port}/second"  # where Serve really listens, not --port
+        assert "serving there, not at 127.0.0.1:" in out and f"at {url}\n" in out, out
+        assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+        code, out, err = _lm(capsys, "serve", "--stop", f"serve.pid_file={pid_file}")
+        assert code == 0, err
+        assert server.wait(timeout=60) == 0
+        assert "SIGTERM: deleting application second from the Ray cluster at" in log.read_text()
+        assert set(serve.status().applications) == {"taken"}  # the first app is untouched
+        assert httpx.get(f"http://127.0.0.1:{first_port}/taken").text == "first"
+    finally:
+        if server is not None and server.poll() is None:
+            server.kill()
+        serve.shutdown()

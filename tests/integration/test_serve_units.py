@@ -1,4 +1,5 @@
-"""lmplatform/serve.py without Ray: request parsing and the event stream's failure after its first byte.
+"""lmplatform/serve.py without Ray: request parsing, the event stream's failure after its first byte, and the
+checks `lm serve` makes before it starts anything (resources, pid file, rows per request, auth header).
 
 What the HTTP tests in test_serve.py cannot provoke: an engine failure in the middle of a stream, which must
 reach the client as an ``error`` event before ``[DONE]`` (never a silently truncated 200), freeing the rows.
@@ -7,21 +8,34 @@ reach the client as an ``error`` event before ``[DONE]`` (never a silently trunc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import io
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from lmplatform.config import ServeConfig
 from lmplatform.serve import (
     Limits,
     LMServer,
     Metrics,
     RequestError,
+    ServeError,
+    check_pid_file,
+    check_resources,
     parse_completion,
     parse_generate,
     parse_json,
+    stream_from_server,
 )
+
+from lm.config import ConfigError
 
 LIMITS = Limits(max_prompt_tokens=32, max_new_tokens=64, max_n=4, max_stop=2, max_body_bytes=1000)
 
@@ -102,3 +116,89 @@ def test_parsing_fills_defaults_and_names_the_bad_field() -> None:
         assert info.value.param == param and info.value.status == 400
     with pytest.raises(RequestError, match="not valid UTF-8"):
         parse_json(b'{"prompt": "\xc3"}')
+
+
+def test_a_request_that_can_never_fit_a_replica_is_a_400_naming_n_or_prompt() -> None:
+    limits = dataclasses.replace(LIMITS, max_rows=80)  # serve.max_batch_size 16 + max_queued_requests 64
+    body = {"prompt": ["a"] * 32, "n": 4}  # within 32 prompts and max_n, but 128 rows: a 503 for ever before
+    with pytest.raises(RequestError) as info:
+        parse_completion(body, limits, vocab_size=300)
+    assert info.value.status == 400 and info.value.param == "n"
+    assert "needs 128 rows" in info.value.message and "takes at most 80 at once" in info.value.message
+    with pytest.raises(RequestError) as info:
+        parse_completion({"prompt": ["a"] * 3}, dataclasses.replace(LIMITS, max_rows=2), vocab_size=300)
+    assert info.value.param == "prompt" and "needs 3 rows" in info.value.message
+    assert parse_completion({"prompt": ["a"] * 20, "n": 4}, limits, vocab_size=300).n == 4
+    # a config whose own max_n cannot fit one replica is refused up front
+    with pytest.raises(ConfigError, match=r"serve.max_n=4 is not allowed: at most 2"):
+        ServeConfig(max_batch_size=1, max_queued_requests=1)
+    assert ServeConfig().max_request_rows() == 80 and ServeConfig(batching="none").max_request_rows() == 65
+    assert ServeConfig(batching="static", max_batch_size=1, max_queued_requests=1).max_request_rows() is None
+
+
+def test_replicas_the_cluster_cannot_place_are_refused_naming_the_keys() -> None:
+    with pytest.raises(ServeError) as info:
+        check_resources(ServeConfig(replicas=3), {"CPU": 2.0})
+    assert str(info.value) == (
+        "serve.replicas=3 x serve.num_cpus=1 needs 3 CPUs but the Ray cluster has 2: lower serve.replicas or "
+        "serve.num_cpus (e.g. serve.num_cpus=0.66)"
+    )
+    with pytest.raises(ServeError, match=r"serve.device=cuda needs one GPU per replica .* has 0 GPUs"):
+        check_resources(ServeConfig(device="cuda"), {"CPU": 2.0})
+    check_resources(ServeConfig(replicas=4, num_cpus=0.5), {"CPU": 2.0})
+    check_resources(ServeConfig(device="cuda"), {"CPU": 2.0, "GPU": 1.0})
+
+
+def test_a_pid_file_naming_a_live_server_is_refused_and_a_stale_one_removed(tmp_path: Path) -> None:
+    pid_file = tmp_path / "serve.pid"
+    # a process whose command line looks like `lm serve` (what _is_lm_serve checks), once it has exec'd
+    live = subprocess.Popen([sys.executable, "-c", "import sys, time; print(1, flush=True); time.sleep(60)", "serve"],
+                            stdout=subprocess.PIPE)  # fmt: skip
+    assert live.stdout is not None and live.stdout.readline()
+    try:
+        pid_file.write_text(f"{live.pid}\nhttp://127.0.0.1:8137\n")
+        with pytest.raises(ServeError) as info:
+            check_pid_file(pid_file)
+        message = str(info.value)
+        assert f"names a running lm serve (pid {live.pid} at http://127.0.0.1:8137)" in message
+        assert "lm serve --stop" in message and "serve.pid_file=PATH" in message and pid_file.exists()
+    finally:
+        live.kill()
+        live.wait()
+    check_pid_file(pid_file)  # the process is gone: a stale file, removed
+    assert not pid_file.exists()
+    check_pid_file(pid_file)  # and no file at all is fine
+
+
+def test_bearer_scheme_is_case_insensitive_and_the_key_is_not() -> None:
+    server = _server()
+    server.api_key = "secret-key-123"
+    for header in ("Bearer secret-key-123", "bearer secret-key-123", "BEARER  secret-key-123"):
+        server._check_auth(SimpleNamespace(headers={"authorization": header}))
+    for header in (
+        "",
+        "secret-key-123",
+        "Basic secret-key-123",
+        "Bearer SECRET-KEY-123",
+        "Bearer secret-key",
+    ):
+        with pytest.raises(RequestError) as info:
+            server._check_auth(SimpleNamespace(headers={"authorization": header}))
+        assert info.value.status == 401
+
+
+def test_lm_generate_takes_the_openai_base_url_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+    import urllib.request
+
+    asked: list[str] = []
+
+    def urlopen(request: Any, timeout: float) -> Any:
+        asked.append(request.full_url)
+        raise urllib.error.URLError("refused")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    for url in ("http://127.0.0.1:8137", "http://127.0.0.1:8137/", "http://127.0.0.1:8137/v1/"):
+        with pytest.raises(ServeError, match="is `lm serve` running there"):
+            stream_from_server(url, "a", 4, 1.0, None, None, 0, out=io.StringIO())
+    assert asked == ["http://127.0.0.1:8137/v1/generate"] * 3

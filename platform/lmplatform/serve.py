@@ -1049,7 +1049,7 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
         log.warning("serve.host=%s accepts connections from other machines and no API key is set", cfg.host)
     stop = _Stop()
     restore_signals = _on_signals(stop)  # before anything slow: a signal during startup aborts it
-    deployed = False
+    serve_up = deployed = False
     bye = "shutting Serve and Ray down"
     if not own_cluster:
         bye = f"deleting application {cfg.app_name} from the Ray cluster at {where} (Serve and Ray keep running)"
@@ -1069,12 +1069,13 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
                 )
             except ConnectionError as exc:
                 raise ServeError(
-                    f"cannot join the Ray cluster at {where} (ray.address / RAY_ADDRESS): {_short(str(exc))}"
+                    f"cannot join the Ray cluster at {where or 'local'} (ray.address / RAY_ADDRESS): {_short(str(exc))}"
                 ) from None
             _on_signals(stop)  # again: ray.init installs its own SIGTERM handler
         if not stop.event.is_set():
             check_resources(cfg, ray.cluster_resources())
             host, port = _start_serve(cfg, own_cluster, where, print_fn)
+            serve_up = True
             print_fn(
                 f"lm serve: starting {cfg.replicas} replica(s) of {name} (serve.startup_timeout_s="
                 f"{cfg.startup_timeout_s:g}; Ctrl-C aborts)",
@@ -1115,7 +1116,7 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
     finally:
         if ray.is_initialized():
             with contextlib.suppress(Exception):
-                if own_cluster:
+                if own_cluster and serve_up:  # (serve.shutdown logs a note when there is nothing to stop)
                     serve.shutdown()
                 elif deployed:
                     serve.delete(cfg.app_name)

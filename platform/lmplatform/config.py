@@ -97,7 +97,8 @@ class TuneConfig(Section):
     max_concurrent_trials: int = 1  # Tune does not count the Train workers' CPUs: cap it to what fits
     # minimised; val is reported, never used to decide
     metric: str = field(default="dev_loss", metadata={"choices": ("dev_loss",)})
-    time_attr: str = field(default="step", metadata={"choices": ("step", "tokens")})  # the loop's own counter
+    # the loop's own counters; seconds (its training clock) is the fair one when sizes compete for a time budget
+    time_attr: str = field(default="step", metadata={"choices": ("step", "tokens", "seconds")})
     scheduler: str = field(default="asha", metadata={"choices": ("asha", "fifo")})
     grace_period: int = 100  # asha: time_attr units a trial runs before it can be stopped
     reduction_factor: float = 3.0  # asha: 1/reduction_factor of the trials go on at each rung

@@ -650,6 +650,8 @@ class RayHooks(Hooks):
         self._maybe_fail(step)
         if self.tracking is not None:
             self.tracking.on_log(step, metrics)
+        if self.report is not None and self.rank == 0:
+            self.report.observe(metrics)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         """Send dev (and, at the end, val) metrics to MLflow, and to Ray Tune in a sweep."""

@@ -335,6 +335,12 @@ class TrialReporter:
     n_params: int
     stop: Any = None  # local mode: the run's StopRequest, for when Tune stops the trial (never pickled)
     last: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # the loop's training clock at its last log line (resumes included)
+
+    def observe(self, metrics: Mapping[str, float]) -> None:
+        """Keep the training clock of the loop's log lines: ``time_attr: seconds`` ranks trials by it."""
+        if "elapsed_s" in metrics:
+            self.seconds = float(metrics["elapsed_s"])
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
         if "dev_loss" not in metrics:  # the final val metrics come with the trial's last report
@@ -366,7 +372,11 @@ class TrialReporter:
 
     def _result(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         tokens = metrics.get("tokens", step * self.tokens_per_step)
-        return {**metrics, "step": float(step), "tokens": float(tokens), "n_params": float(self.n_params)}
+        seconds = metrics.get("train_seconds", self.seconds)  # the final report carries the loop's own total
+        return {
+            **metrics, "step": float(step), "tokens": float(tokens), "seconds": float(seconds),
+            "n_params": float(self.n_params),
+        }  # fmt: skip
 
 
 def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:

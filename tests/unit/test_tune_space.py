@@ -148,3 +148,29 @@ def test_load_sweep_reads_the_yaml_and_checks_everything_before_starting(tmp_pat
         ConfigError, match=r"tune\.time_attr='training_iteration' is not allowed: one of step"
     ):
         load_sweep(sweep_yaml, ["tune.time_attr=training_iteration"], tmp_path)
+
+
+def test_reports_carry_the_training_clock_for_time_attr_seconds(tmp_path: Path) -> None:
+    """ASHA on seconds compares trials of different sizes at equal training time, not at equal steps."""
+    from lmplatform.train import RayHooks
+    from lmplatform.tune import TrialReporter
+
+    reporter = TrialReporter(queue=None, tokens_per_step=256, n_params=1000)
+    hooks = RayHooks(rank=0, report=reporter)
+    hooks.on_log(50, {"train_loss": 5.0, "elapsed_s": 12.5})
+    during = reporter._result(100, {"dev_loss": 4.0})
+    assert during["seconds"] == 12.5 and during["step"] == 100.0 and during["tokens"] == 25600.0
+    final = reporter.final(120, {"val_loss": 3.9, "train_seconds": 30.25})
+    assert final["seconds"] == 30.25  # the loop's own total, not the last log line's
+    RayHooks(rank=1, report=TrialReporter(queue=None, tokens_per_step=1, n_params=1)).on_log(
+        1, {"elapsed_s": 1.0}
+    )
+
+    yaml = tmp_path / "s.yaml"
+    yaml.write_text(
+        "search:\n  optim.lr: {grid: [0.001, 0.002]}\ntune: {time_attr: seconds, grace_period: 10}\n"
+    )
+    assert load_sweep(yaml, base_dir=tmp_path).pcfg.tune.time_attr == "seconds"
+    yaml.write_text("search:\n  optim.lr: {grid: [0.001]}\ntune: {time_attr: minutes}\n")
+    with pytest.raises(ConfigError, match="tune.time_attr='minutes' is not allowed"):
+        load_sweep(yaml, base_dir=tmp_path)

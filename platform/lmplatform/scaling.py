@@ -375,7 +375,8 @@ def plot_study(study: Mapping[str, Any], path: Path) -> bool:
         ax.plot([e["optimum_params"]], [e["min_bpb"]], marker="*", markersize=14, color=color,
                 markeredgecolor="black", zorder=4)  # fmt: skip
         if e["band_params"]:
-            b0, b1 = (min(max(v, 1.0), 1e12) for v in e["band_params"])
+            # a band reaching far past the sizes tried (an edge optimum) is cut at the curve's drawn range
+            b0, b1 = (min(max(v, math.exp(lo - pad)), math.exp(hi + pad)) for v in e["band_params"])
             ax.hlines(e["min_bpb"], b0, b1, color=color, linewidth=3, alpha=0.4)
     ax.set_xscale("log")
     ax.set_xlabel("parameters")

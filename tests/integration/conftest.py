@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lmplatform.config import PlatformConfig, load_platform_config
@@ -92,3 +93,28 @@ def make_config(
         return load_platform_config(None, [*tiny_overrides, *extra], base_dir=tmp_path)
 
     return make
+
+
+# What a registered test checkpoint reports: dev and val numbers that look like a finished run's.
+FINISHED_METRICS = {"step": 10, "dev_loss": 4.5, "dev_ppl": 20.0, "dev_bpb": 2.25, "val_loss": 5.0,
+                    "val_ppl": 30.125, "val_bpb": 2.5}  # fmt: skip
+
+
+def register_random_model(
+    cfg: ExperimentConfig, pcfg: PlatformConfig, run_dir: Path, tokenizer: Path, seed: int
+) -> tuple[Any, Path]:
+    """A seeded random model saved as ``run_dir/best`` and registered the way `make train` does (version 1 on a
+    fresh store): the tracker and the checkpoint."""
+    import torch
+    from lmplatform.tracking import start_run
+
+    from lm.checkpoint import save_checkpoint
+    from lm.model import TransformerLM
+
+    torch.manual_seed(seed)
+    best = save_checkpoint(run_dir / "best", TransformerLM(cfg.model), cfg, tokenizer, FINISHED_METRICS)
+    tracker = start_run(cfg, pcfg, str(run_dir), launcher="local")
+    assert tracker is not None
+    with tracker.track():
+        tracker.finish(cfg, best, best, trained_steps=10)
+    return tracker, best

@@ -10,15 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from lmplatform.models import default_model_ref, load_served_model, resolve_model
-from lmplatform.tracking import RunTracker, TrackingError, registered_model_name, start_run
+from lmplatform.tracking import RunTracker, TrackingError, registered_model_name
 
-from lm.checkpoint import WEIGHTS, CheckpointError, save_checkpoint, update_run_record
-from lm.model import TransformerLM
+from lm.checkpoint import WEIGHTS, CheckpointError, update_run_record
 from lm.tokenizer import train_tokenizer
+from tests.integration.conftest import register_random_model
 
 MODEL = registered_model_name("itest")
-METRICS = {"step": 10, "dev_loss": 4.5, "dev_ppl": 20.0, "dev_bpb": 2.25, "val_loss": 5.0, "val_ppl": 30.125,
-           "val_bpb": 2.5}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +29,7 @@ def tokenizer_file(tmp_path_factory: pytest.TempPathFactory, small_text: str) ->
 @pytest.fixture
 def registered(make_config, tokenizer_file: Path, tmp_path: Path) -> tuple[RunTracker, Path]:
     """One finished run (run directory tmp/run, best checkpoint tmp/run/best) registered as version 1 @best."""
-    cfg, pcfg = make_config()
-    torch.manual_seed(7)
-    run_dir = tmp_path / "run"
-    best = save_checkpoint(run_dir / "best", TransformerLM(cfg.model), cfg, tokenizer_file, METRICS)
-    tracker = start_run(cfg, pcfg, str(run_dir), launcher="local")
-    assert tracker is not None
-    with tracker.track():
-        tracker.finish(cfg, best, best, trained_steps=10)
+    tracker, best = register_random_model(*make_config(), tmp_path / "run", tokenizer_file, seed=7)
     assert tracker.model_version == "1"
     return tracker, best
 
@@ -135,13 +126,7 @@ def test_a_model_that_cannot_be_packaged_is_still_registered_as_its_checkpoint(
         raise RuntimeError("no room for the model")
 
     monkeypatch.setattr(lmplatform.pyfunc, "log_pyfunc_model", broken)
-    cfg, pcfg = make_config()
-    torch.manual_seed(9)
-    best = save_checkpoint(tmp_path / "run" / "best", TransformerLM(cfg.model), cfg, tokenizer_file, METRICS)
-    tracker = start_run(cfg, pcfg, str(tmp_path / "run"), launcher="local")
-    assert tracker is not None
-    with tracker.track():
-        tracker.finish(cfg, best, best, trained_steps=10)
+    tracker, best = register_random_model(*make_config(), tmp_path / "run", tokenizer_file, seed=9)
     assert tracker.model_version == "1" and tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
     version = tracker.client.get_model_version(MODEL, "1")
     assert version.source.endswith("/checkpoints/best-step-10")  # the plain checkpoint, as before pyfunc

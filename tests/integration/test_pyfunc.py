@@ -18,17 +18,14 @@ import httpx
 import pytest
 import torch
 from lmplatform.models import load_served_model
-from lmplatform.tracking import RunTracker, registered_model_name, start_run
+from lmplatform.tracking import RunTracker, registered_model_name
 from safetensors.torch import load_file
 
-from lm.checkpoint import save_checkpoint
 from lm.generate import iter_generate
-from lm.model import TransformerLM
 from lm.tokenizer import train_tokenizer
+from tests.integration.conftest import register_random_model
 
 MODEL = registered_model_name("itest")
-METRICS = {"step": 10, "dev_loss": 4.5, "dev_ppl": 20.0, "dev_bpb": 2.25, "val_loss": 5.0, "val_ppl": 30.125,
-           "val_bpb": 2.5}  # fmt: skip
 BIN = Path(sys.executable).parent  # mlflow and uvicorn live beside this interpreter
 
 
@@ -37,12 +34,7 @@ def registered(make_config, small_text: str, tmp_path: Path) -> tuple[RunTracker
     """One run whose best checkpoint is registered as version 1 (alias best), the way `make train` does."""
     cfg, pcfg = make_config("sample.max_new_tokens=12", "sample.top_k=7")
     tokenizer = train_tokenizer([small_text], vocab_size=300).save(tmp_path / "tokenizer.json")
-    torch.manual_seed(3)
-    best = save_checkpoint(tmp_path / "run" / "best", TransformerLM(cfg.model), cfg, tokenizer, METRICS)
-    tracker = start_run(cfg, pcfg, str(tmp_path / "run"), launcher="local")
-    assert tracker is not None
-    with tracker.track():
-        tracker.finish(cfg, best, best, trained_steps=10)
+    tracker, best = register_random_model(cfg, pcfg, tmp_path / "run", tokenizer, seed=3)
     # logging the model points MLflow's global URI at the store for a moment: everything is as it was after
     assert os.environ["MLFLOW_TRACKING_URI"] == pcfg.tracking.uri
     return tracker, best

@@ -118,3 +118,12 @@ def register_random_model(
     with tracker.track():
         tracker.finish(cfg, best, best, trained_steps=10)
     return tracker, best
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 right now (servers under test never assume 8000 is free)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 
 from lm.generate import iter_generate
 from lm.tokenizer import train_tokenizer
-from tests.integration.conftest import register_random_model
+from tests.integration.conftest import free_port, register_random_model
 
 MODEL = registered_model_name("itest")
 BIN = Path(sys.executable).parent  # mlflow and uvicorn live beside this interpreter
@@ -110,15 +109,9 @@ def test_serve_loads_the_same_weights_the_pyfunc_model_packages(registered) -> N
     assert all(torch.equal(state[k], v) for k, v in load_file(str(best / "model.safetensors")).items())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_invocations_over_http(registered, tmp_path: Path) -> None:
     tracker, best = registered
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@best", "--env-manager", "local",

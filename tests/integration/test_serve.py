@@ -11,7 +11,6 @@ registered) at module setup. Replicas reserve a tenth of a CPU each, so all four
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,19 +24,13 @@ import pytest
 from lmplatform.config import ServeConfig
 from lmplatform.serve import ServerSettings, build_app, iter_sse
 
-from tests.integration.conftest import TINY
+from tests.integration.conftest import TINY, free_port
 
 pytestmark = pytest.mark.ray
 
 API_KEY = "test-key-0123456789"
 MAX_NEW = 4000  # the main app's limit: long enough that a disconnected stream is cut well before its end
 NAME = "lmlab-itest"  # registered model name = what /v1/models lists for the alias-loaded app
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +66,7 @@ def server(ray_cluster: None, trained: dict[str, Any]) -> Iterator[str]:
     """Serve on a free loopback port with the four applications; yields the base URL."""
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     ckpt = str(trained["checkpoint"])
     apps = {

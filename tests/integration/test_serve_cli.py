@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,12 @@ from lmplatform.config import load_platform_config
 from lm.checkpoint import save_checkpoint
 from lm.model import TransformerLM
 from lm.tokenizer import train_tokenizer
-from tests.integration.conftest import TINY
+from tests.integration.conftest import TINY, free_port
 
 pytestmark = pytest.mark.ray
 
 LM = [sys.executable, "-m", "lmplatform"]
 KEY = "cli-test-key-123456"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +81,7 @@ def _lm(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 def test_lm_serve_runs_in_the_foreground_and_stops_cleanly(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    port = _free_port()
+    port = free_port()
     pid_file = tmp_path / "serve.pid"
     common = [f"serve.pid_file={pid_file}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     args = ["serve", "--model", str(checkpoint), "--port", str(port), "serve.num_cpus=0.5", "serve.threads=1"]
@@ -170,7 +163,7 @@ def test_lm_serve_refuses_what_it_cannot_place_and_one_sigint_aborts_a_startup(
     checkpoint: Path, tmp_path: Path
 ) -> None:
     pid_file = tmp_path / "serve.pid"
-    common = ["serve", "--model", str(checkpoint), "--port", str(_free_port()), f"serve.pid_file={pid_file}"]
+    common = ["serve", "--model", str(checkpoint), "--port", str(free_port()), f"serve.pid_file={pid_file}"]
     # more CPUs than this machine's Ray has: refused at once (Serve would wait for the replicas for ever)
     start = time.monotonic()
     done = subprocess.run(
@@ -208,14 +201,14 @@ def test_lm_serve_on_a_shared_cluster_never_takes_over_another_app(
         async def __call__(self, request: object) -> str:
             return "first"
 
-    first_port = _free_port()
+    first_port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": first_port})
     # joins this session's Ray, with this process's auth settings (the cluster's), not _env's "disabled"
     env = {k: v for k, v in os.environ.items() if k != "LMLAB_API_KEY"}
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     pid_file = tmp_path / "serve.pid"
     common = [
-        "serve", "--model", str(checkpoint), "--port", str(_free_port()), f"serve.pid_file={pid_file}",
+        "serve", "--model", str(checkpoint), "--port", str(free_port()), f"serve.pid_file={pid_file}",
         "serve.num_cpus=0.1", "serve.threads=1",
     ]  # fmt: skip
     server = None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import contextlib
 import logging
 import math
 import secrets
@@ -127,12 +128,23 @@ Event = Delta | Finished
 
 
 class RequestStream:
-    """The events of one request: ``async for event in stream`` yields Delta ... Finished."""
+    """The events of one request: ``async for event in stream`` yields Delta ... Finished.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None, wake: threading.Condition | None) -> None:
+    ``interval`` (seconds, 0 = off: one Delta per decode step) paces the stream: after a Delta, the next one waits
+    until ``interval`` has passed (the end of the request does not wait), and every Delta that arrived meanwhile
+    comes as one. The first Delta is never delayed. A consumer that streams to a client then handles a few events per second per
+    request instead of one per decode step.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop | None, wake: threading.Condition | None, interval: float = 0.0
+    ) -> None:
         self._loop = loop
         self._wake = wake
-        self._queue: asyncio.Queue[Event | BaseException] | None = asyncio.Queue() if loop else None
+        self._interval = interval
+        self._items: collections.deque[Event | BaseException] = collections.deque()
+        self._ready = asyncio.Event() if loop else None  # set while _items holds something
+        self._ended = asyncio.Event() if loop else None  # set once Finished or an error is in _items
         self._cancelled = threading.Event()
         self._iterator: AsyncIterator[Event] | None = None
         self.finished: Finished | None = None
@@ -158,22 +170,44 @@ class RequestStream:
         return self._iterator
 
     async def _events(self) -> AsyncIterator[Event]:
-        assert self._queue is not None
+        assert self._ready is not None and self._ended is not None
         done = False
+        last_delta: float | None = None  # loop time of the last Delta handed out
         try:
             while True:
-                event = await self._queue.get()
+                if last_delta is not None and not self._ended.is_set():
+                    wait = last_delta + self._interval - self._loop.time()  # type: ignore[union-attr]
+                    if wait > 0:  # let Deltas gather, unless the request ends meanwhile
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._ended.wait(), wait)
+                await self._ready.wait()
+                event = self._take()
                 if isinstance(event, BaseException):
                     done = True
                     raise event
                 if isinstance(event, Finished):
                     done = True
+                elif self._interval > 0:
+                    last_delta = self._loop.time()  # type: ignore[union-attr]
                 yield event
                 if done:
                     return
         finally:
             if not done:  # the consumer went away (disconnect): give the row back
                 self.cancel()
+
+    def _take(self) -> Event | BaseException:
+        """The first item; when paced, a Delta merged with the Deltas right behind it (one text, in order)."""
+        items = self._items
+        event = items.popleft()
+        if self._interval > 0 and isinstance(event, Delta) and items and isinstance(items[0], Delta):
+            merged = [event]
+            while items and isinstance(items[0], Delta):
+                merged.append(items.popleft())  # type: ignore[arg-type]
+            event = _join(merged)
+        if not items:
+            self._ready.clear()  # type: ignore[union-attr]
+        return event
 
     async def collect(self) -> tuple[list[Delta], Finished]:
         """The Delta events not read yet, and the Finished event."""
@@ -184,14 +218,28 @@ class RequestStream:
             deltas.append(event)
         raise EngineError("the stream ended without a Finished event")
 
+    def put(self, events: Sequence[Event | BaseException]) -> None:
+        """Append events; call on the stream's event loop (``_push`` from any other thread)."""
+        if not events or self._ready is None or self._ended is None:
+            return
+        self._items.extend(events)
+        self._ready.set()
+        if isinstance(events[-1], (Finished, BaseException)):
+            self._ended.set()
+
     def _push(self, events: Sequence[Event | BaseException]) -> None:
-        if self._loop is None or self._queue is None:
+        if self._loop is None or not events:
             return
         try:
-            for event in events:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            self._loop.call_soon_threadsafe(self.put, list(events))
         except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
             self._cancelled.set()
+
+
+def _join(deltas: list[Delta]) -> Delta:
+    """Consecutive Deltas of one request as one."""
+    logprobs = None if deltas[0].logprobs is None else [lp for d in deltas for lp in d.logprobs or []]
+    return Delta("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids], logprobs)
 
 
 def _deliver(results: list[tuple[_Request, list[Event]]]) -> None:
@@ -211,8 +259,7 @@ def _deliver(results: list[tuple[_Request, list[Event]]]) -> None:
 
 def _put_all(batch: list[tuple[RequestStream, list[Event]]]) -> None:
     for stream, events in batch:
-        for event in events:
-            stream._queue.put_nowait(event)  # type: ignore[union-attr]
+        stream.put(events)
 
 
 class Engine:
@@ -221,8 +268,8 @@ class Engine:
     ``mode="continuous"`` admits waiting requests into free rows at every decode step; ``mode="none"`` decodes
     one request at a time (FIFO), the baseline. ``exact=True`` runs every decode step at the full batch shape
     (``BatchDecoder(fixed_shape=True)``), so a request's logits, and so its seeded samples, are bit-identical
-    whatever else is running, for full-batch work at every step. The model is put in eval mode; torch's thread
-    count is the caller's to set.
+    whatever else is running, for full-batch work at every step. ``stream_interval`` paces every request's
+    stream (see RequestStream). The model is put in eval mode; torch's thread count is the caller's to set.
     """
 
     def __init__(
@@ -234,6 +281,7 @@ class Engine:
         max_waiting: int = 256,
         mode: str = "continuous",
         exact: bool = False,
+        stream_interval: float = 0.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not allowed: must be one of {', '.join(MODES)}")
@@ -241,7 +289,12 @@ class Engine:
             raise ValueError(f"max_batch_size={max_batch_size!r} is not allowed: must be an integer >= 1")
         if not (_is_int(max_waiting) and max_waiting >= 0):
             raise ValueError(f"max_waiting={max_waiting!r} is not allowed: must be an integer >= 0")
+        if not (_is_number(stream_interval) and 0 <= stream_interval < math.inf):
+            raise ValueError(
+                f"stream_interval={stream_interval!r} is not allowed: must be a number of seconds >= 0"
+            )
         self.mode = mode
+        self.stream_interval = float(stream_interval)
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
         self._core = _Core(model, tokenizer, max_batch_size if mode == "continuous" else 1, exact)
@@ -257,7 +310,7 @@ class Engine:
         already wait beyond the free rows (0: accept only what a free row can take), ValueError for token ids
         outside the vocabulary."""
         loop = asyncio.get_running_loop()
-        stream = RequestStream(loop, self._wake)
+        stream = RequestStream(loop, self._wake, self.stream_interval)
         request = self._core.request(prompt_ids, params, stream)
         with self._wake:
             if self._closed:

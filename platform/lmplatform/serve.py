@@ -46,9 +46,10 @@ _MAX_LOGPROBS = 5  # OpenAI's limit for the completions endpoint
 _MAX_SEED = 2**63 - 1
 _MAX_PROMPTS = 32  # prompts in one completions request (each times n)
 _SSE = "text/event-stream"
-# Events that arrive within this long of the last write go out together: every write is a Ray streaming message
-# from the replica to the proxy, slow at high concurrency (ray#52745). At 32 concurrent streams of the tiny model
-# on 2 loaded cores, 0.1 s gave 1,280-1,450 output tokens/s against about 1,000-1,180 for 0.02 s.
+# A streamed request gets its first text at once, then at most one chunk per this long (the text of every decode
+# step meanwhile, merged: RequestStream's interval). Every chunk is a Ray streaming message from the replica to the
+# proxy (slow at high concurrency, ray#52745) and an SSE event the client parses; per decode step, that work grew
+# with the batch and took the CPU the batch needed.
 _STREAM_FLUSH_S = 0.1
 # OpenAI fields this server accepts only at their neutral value (it has no penalties, suffixes or best_of).
 _NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "suffix": None, "logit_bias": None}
@@ -423,25 +424,37 @@ class ServerSettings:
 
 
 class _StaticStream:
-    """One request in ``batching: static``: an async iterator over its slot of a ``@serve.batch`` batch."""
+    """One request in ``batching: static``: its slot of a ``@serve.batch`` batch, pumped into a paced
+    RequestStream so that it streams exactly as the engine's requests do."""
 
     def __init__(self, server: "LMServer", prompt_ids: list[int], params: Any) -> None:
+        from lmplatform.engine import RequestStream
+
         self.cancelled = threading.Event()
-        self._events = server._static_batch((prompt_ids, params, self.cancelled))
+        self._stream = RequestStream(asyncio.get_running_loop(), None, _STREAM_FLUSH_S)
+        self._stream._cancelled = self.cancelled  # a disconnect cancels the batch slot
+        self._pump = asyncio.create_task(
+            self._run(server._static_batch((prompt_ids, params, self.cancelled)))
+        )
+
+    async def _run(self, events: AsyncIterator[Any]) -> None:
+        try:
+            async for event in events:
+                self._stream.put([event])
+                if hasattr(event, "reason"):
+                    return
+            raise RuntimeError("static batch ended without a Finished event")
+        except Exception as exc:  # the consumer sees it as the stream's error
+            self._stream.put([exc])
 
     def __aiter__(self) -> AsyncIterator[Any]:
-        return self._events
+        return self._stream.__aiter__()
 
     def cancel(self) -> None:
         self.cancelled.set()
 
     async def collect(self) -> tuple[list[Any], Any]:
-        deltas = []
-        async for event in self._events:
-            if hasattr(event, "reason"):
-                return deltas, event
-            deltas.append(event)
-        raise RuntimeError("static batch ended without a Finished event")
+        return await self._stream.collect()
 
 
 def _sse_line(event: dict[str, Any]) -> bytes:
@@ -580,7 +593,7 @@ class LMServer:
         else:
             self.engine = Engine(
                 self.served.model, self.tokenizer, max_batch_size=cfg.max_batch_size,
-                max_waiting=cfg.max_queued_requests, mode=cfg.batching,
+                max_waiting=cfg.max_queued_requests, mode=cfg.batching, stream_interval=_STREAM_FLUSH_S,
             )  # fmt: skip
         log.info("replica ready: %s (%s batching, %s)", self.name, cfg.batching, device)
 
@@ -911,7 +924,9 @@ class LMServer:
                 yield _sse_line(first)
                 async for event in events:
                     pending.append(_sse_line(event))
-                    if time.monotonic() - flushed >= _STREAM_FLUSH_S:
+                    # The streams are paced, so text comes at most once per interval and goes out at once;
+                    # what follows within half of it (the finish and usage chunks) goes with the next write.
+                    if time.monotonic() - flushed >= _STREAM_FLUSH_S / 2:
                         yield b"".join(pending)
                         pending, flushed = [], time.monotonic()
             except Exception as exc:  # after the first byte the status is sent: tell the client in-band
@@ -1060,6 +1075,12 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
         )  # fail fast
         name = served.info.get("name") or settings.experiment
         if not stop.event.is_set():
+            if own_cluster:
+                # Ray starts its workers at nice 15 (RayConfig worker_niceness): the replica and the proxy
+                # would then get the CPU only when nothing else on the machine wants it, and on a small
+                # machine a client or any busy process starves them. A server of its own runs at normal
+                # priority, as `ray job submit` runs its drivers; RAY_worker_niceness set by the user wins.
+                os.environ.setdefault("RAY_worker_niceness", "0")
             try:
                 ray.init(
                     address=where or "local",

@@ -55,6 +55,17 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -102,6 +113,8 @@ def test_lm_serve_runs_in_the_foreground_and_stops_cleanly(
         assert pid_file.read_text().split() == [str(server.pid), url]
         family = _descendants(server.pid)  # Ray's processes, started by this server
         assert family
+        replicas = [p for p in family if _cmdline(p).startswith("ray::ServeReplica")]
+        assert replicas and {_nice(p) for p in replicas} == {_nice(server.pid)}  # not Ray's nice 15
 
         assert httpx.get(f"{url}/healthz").status_code == 200
         assert httpx.post(f"{url}/v1/generate", json={"prompt": "a"}).status_code == 401

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 
 import pytest
 import torch
@@ -473,6 +474,48 @@ def test_generation_keeps_going_past_block_size_with_bounded_work(tok: Tokenizer
     # Re-prefill: block/2 - 1 tokens per window, about one token per generated one, never a window per token.
     assert stats["prefill_tokens"] <= len(tok.encode("Hark")) + stats["windowed"] * (BLOCK // 2 - 1)
     assert stats["prefill_tokens"] < 1.2 * generated
+
+
+class SlowLM(ScriptedLM):
+    """A scripted model whose every forward takes at least ``delay`` seconds, like a real model under load."""
+
+    delay = 0.01
+
+    def forward_rows(self, *args, **kw) -> torch.Tensor:
+        time.sleep(self.delay)
+        return super().forward_rows(*args, **kw)
+
+
+def test_a_paced_stream_sends_the_first_text_at_once_then_merged_text_and_never_holds_the_end(
+    tok: Tokenizer,
+) -> None:
+    text = b"abcdefghij" * 4
+    script = byte_ids(tok, text)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    model = SlowLM(cfg, script).eval()
+    interval = 0.2  # 40 steps of >= 10 ms: about 0.4 s, so about 3 paced Deltas instead of 40
+
+    async def go():
+        engine = Engine(model, tok, stream_interval=interval)
+        try:
+            stream = engine.submit([5], SamplingParams(max_new_tokens=40, temperature=0.0))
+            return [(time.perf_counter(), event) async for event in stream]
+        finally:
+            engine.close()
+
+    got = run(go())
+    deltas = [event for _, event in got if isinstance(event, Delta)]
+    arrived = [t for t, event in got if isinstance(event, Delta)]
+    t_end, fin = got[-1]
+    assert isinstance(fin, Finished) and fin.reason == "length" and fin.text == text.decode()
+    check_consistent(deltas, fin)  # merged Deltas keep every character and token, in order
+    assert len(deltas[0].token_ids) == 1  # the first text is not held for the interval
+    assert 2 <= len(deltas) <= 6, [len(d.token_ids) for d in deltas]
+    assert all(b - a >= interval * 0.9 for a, b in zip(arrived[1:-1], arrived[2:-1]))  # paced in between
+    assert t_end - arrived[-1] < interval / 2  # the end comes with the last step, not an interval later
+    with pytest.raises(ValueError, match="stream_interval"):
+        Engine(model, tok, stream_interval=-1)
 
 
 def test_sampling_params_reject_bad_values() -> None:

@@ -91,6 +91,14 @@ def request_mix(n: int, short: int, long: int, long_fraction: float, seed: int =
     return [RequestSpec(rng.choice(PROMPTS), m, seed * 100_000 + i) for i, m in enumerate(lengths)]
 
 
+def level_plans(
+    levels: Sequence[int], requests: int, per_worker: int, short: int, long: int, long_fraction: float
+) -> dict[int, list[RequestSpec]]:
+    """The requests of each concurrency level: at least ``requests`` and ``per_worker`` per worker, so that the
+    first burst (every worker sending at once) and the last stragglers are a small part of a level."""
+    return {c: request_mix(max(requests, per_worker * c), short, long, long_fraction) for c in levels}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # One request, streamed
 
@@ -213,10 +221,11 @@ async def closed_loop(
 
 
 async def run_levels(
-    url: str, model: str | None, levels: Sequence[int], specs: Sequence[RequestSpec], warmup: int,
-    time_cap_s: float, timeout_s: float,
+    url: str, model: str | None, plans: dict[int, Sequence[RequestSpec]], warmup: int, time_cap_s: float,
+    timeout_s: float,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Warm up, then each concurrency level over the same specs; one summary dict per level."""
+    """Warm up, then each concurrency level over its planned specs; one summary dict per level."""
+    levels = list(plans)
     limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits, trust_env=False) as client:
 
@@ -226,7 +235,7 @@ async def run_levels(
         warm = request_mix(warmup, 8, 8, 0.0, seed=99)
         await closed_loop(send, warm, min(4, max(levels)), time_cap_s)
         rows = []
-        for c in levels:
+        for c, specs in plans.items():
             result = await closed_loop(send, specs, c, time_cap_s)
             rows.append(result.summary())
             print(f"  c={c:<3} {_line(rows[-1])}", flush=True)
@@ -564,7 +573,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="measure a server already running here instead of starting one per mode")
     p.add_argument("--modes", default=",".join(MODES), help="batching modes (default: %(default)s)")
     p.add_argument("--concurrency", default="1,8,32", help="concurrency levels (default: %(default)s)")
-    p.add_argument("--requests", type=int, default=96, help="requests per level (default: %(default)s)")
+    p.add_argument(
+        "--requests", type=int, default=96, help="requests per level, at least (default: %(default)s)"
+    )
+    p.add_argument(
+        "--per-worker", type=int, default=8,
+        help="and at least this many per concurrent worker, so a level is mostly steady load, not its first "
+        "burst and last stragglers (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument("--warmup", type=int, default=8, help="requests before the levels (default: %(default)s)")
     p.add_argument(
         "--short", type=int, default=16, help="max_tokens of a short request (default: %(default)s)"
@@ -591,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",") if c]
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
-    if unknown or not levels or min(levels) < 1 or args.requests < 1:
+    if unknown or not levels or min(levels) < 1 or args.requests < 1 or args.per_worker < 0:
         p.error(
             f"--modes from {MODES}, --concurrency and --requests positive (got modes {modes}, levels {levels})"
         )
@@ -603,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": platform.machine(), "cpu_count": os.cpu_count(), "loadavg_before": os.getloadavg(),
         "config": args.config, "model": args.model, "settings": settings, "requests": args.requests,
+        "per_worker": args.per_worker,
         "warmup": args.warmup, "mix": {"short": args.short, "long": args.long, "long_fraction": args.long_fraction},
         "time_cap_s": args.time_cap,
     }  # fmt: skip
@@ -612,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_soak(results["soak"])
         name = args.name or "serve-soak"
     else:
-        specs = request_mix(args.requests, args.short, args.long, args.long_fraction)
+        plans = level_plans(levels, args.requests, args.per_worker, args.short, args.long, args.long_fraction)
         rows: dict[str, list[dict[str, Any]]] = {}
         for mode in ["as-is"] if args.url else modes:
             print(f"{mode}: {'measuring ' + args.url if args.url else 'starting lm serve'}", flush=True)
@@ -623,9 +640,7 @@ def main(argv: list[str] | None = None) -> int:
                         lm_serve(args.config, mode, model, settings, logs / f"{mode}.log", args.start_timeout)
                     )[0]
                 )
-                run = run_levels(
-                    url, served_model_name(url), levels, specs, args.warmup, args.time_cap, args.timeout
-                )
+                run = run_levels(url, served_model_name(url), plans, args.warmup, args.time_cap, args.timeout)
                 rows[mode] = asyncio.run(run)
         results["levels"] = rows
         results["targets"] = targets(rows)

@@ -24,6 +24,7 @@ from bench.serve_load import (
     SoakTally,
     closed_loop,
     completion_body,
+    level_plans,
     percentile,
     replica_rss,
     request_mix,
@@ -205,9 +206,11 @@ def test_stream_errors_and_dead_servers_are_failures_not_tokens(fake: str) -> No
 
 
 def test_run_levels_warms_up_then_measures_each_level(fake: str, capsys: pytest.CaptureFixture[str]) -> None:
-    rows = asyncio.run(run_levels(fake, "fake", [1, 4], request_mix(8, 2, 6, 0.5), 2, 30, 10))
+    plans = level_plans([1, 4], 8, 3, 2, 6, 0.5)  # c=4: 3 per worker, 12 requests
+    assert [len(p) for p in plans.values()] == [8, 12] and plans[1] == request_mix(8, 2, 6, 0.5)
+    rows = asyncio.run(run_levels(fake, "fake", plans, 2, 30, 10))
     assert [r["concurrency"] for r in rows] == [1, 4]
-    assert all(r["ok"] == 8 and r["output_tokens"] == 4 * 2 + 4 * 6 for r in rows)
+    assert [(r["ok"], r["output_tokens"]) for r in rows] == [(8, 4 * 2 + 4 * 6), (12, 6 * 2 + 6 * 6)]
     assert "c=4" in capsys.readouterr().out
 
 

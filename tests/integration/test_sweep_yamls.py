@@ -49,7 +49,9 @@ def test_sweep_tiny_searches_regularization_shape_and_schedule_at_the_tiny_size(
     for n_layer, n_head in itertools.product([1, 2, 3, 4], [2, 4, 8]):
         cfg = sweep.config(first | {"model.n_layer": n_layer, "model.n_head": n_head})
         assert abs(count_params(cfg.model) - 658_944) <= 0.02 * 658_944, (n_layer, n_head)
-        assert cfg.model.vocab_size == 2048 and cfg.train.max_seconds == 120
+        assert cfg.model.vocab_size == 2048
+        # A step budget (what the tiny preset reaches in make train's 120 s) ranks alike on a busy machine
+        assert cfg.train.max_steps == 1400 and cfg.train.max_seconds is None
         assert cfg.data.corpus == "tinyshakespeare"
 
 

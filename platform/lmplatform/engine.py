@@ -31,7 +31,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -350,6 +350,10 @@ class Engine:
             self._wake.notify_all()
         self._thread.join(timeout=60)
 
+    def _deliver(self, results: list[tuple[_Request, list[Event]]]) -> None:
+        self._busy = len(self._core.rows)  # before the events: whoever reads a Finished sees its row free
+        _deliver(results)
+
     def _run(self) -> None:
         core = self._core
         while True:
@@ -372,7 +376,7 @@ class Engine:
                     self._waiting.extendleft(reversed(admit))  # ended below with the rest
                     break
             try:
-                results = core.step(admit)
+                results = core.step(admit, first=self._deliver)
             except Exception as exc:  # a bug or a device error: fail these requests, keep serving others
                 log.exception("engine step failed")
                 error = EngineError(f"decoding failed: {type(exc).__name__}: {exc}")
@@ -381,8 +385,7 @@ class Engine:
                 core.drop_all()
                 self._busy = 0
                 continue
-            self._busy = len(core.rows)  # before the events: whoever reads a Finished sees its row free
-            _deliver(results)
+            self._deliver(results)
         with self._wake:
             leftover = list(self._waiting)
             self._waiting.clear()
@@ -497,14 +500,17 @@ class _Core:
             t_submit=time.perf_counter(),
         )
 
-    def step(self, admit: list[_Request]) -> list[tuple[_Request, list[Event]]]:
-        """One decode step: retire cancelled rows, advance live rows, prefill ``admit``, sample every row."""
+    def step(
+        self, admit: list[_Request], first: Callable[[list[tuple[_Request, list[Event]]]], None] | None = None
+    ) -> list[tuple[_Request, list[Event]]]:
+        """One step: retire cancelled rows, advance the live rows by one token, prefill ``admit`` and sample
+        their first tokens. With ``first`` (the engine's scheduler), the prefill comes first and ``first``
+        receives its events before the decode forward runs, which then advances the new rows too: a new
+        request's first token never waits for the batch's step. Without it (static batches), one token per
+        row per step."""
         results = self.retire_cancelled()
-        sampled: list[_Request] = []
-        parts: list[Tensor] = []
-        if self.rows:
-            parts.append(self.decoder.step({h: r.pending for h, r in self.rows.items()}))
-            sampled += [self.rows[h] for h in self.decoder.live]
+        if first is None and self.rows:
+            results += self._decode()
         prefill: list[_Request] = []
         for request in admit:
             request.stream.admitted_step = self.steps
@@ -519,17 +525,26 @@ class _Core:
             for request, handle in zip(prefill, handles):
                 request.handle = handle
                 self.rows[handle] = request
-            parts.append(logits)
-            sampled += prefill
-        if sampled:
-            logits = torch.cat(parts)  # (n, V)
-            tokens = self._sample(logits, sampled)
-            logprobs = self._logprobs(logits, sampled, tokens)
-            now = time.perf_counter()
-            for request, token, lp in zip(sampled, tokens, logprobs):
-                results.append((request, self._advance(request, token, lp, now)))
+            results += self._sample_all(logits, prefill)
+        if first is not None:
+            if results:
+                first(results)
+                results = []
+            if self.rows:
+                results += self._decode()
         self.steps += 1
         return results
+
+    def _decode(self) -> list[tuple[_Request, list[Event]]]:
+        logits = self.decoder.step({h: r.pending for h, r in self.rows.items()})
+        return self._sample_all(logits, [self.rows[h] for h in self.decoder.live])
+
+    def _sample_all(self, logits: Tensor, rows: list[_Request]) -> list[tuple[_Request, list[Event]]]:
+        """Sample one token per row from its logits (n, V) and advance the row (its events)."""
+        tokens = self._sample(logits, rows)
+        logprobs = self._logprobs(logits, rows, tokens)
+        now = time.perf_counter()
+        return [(r, self._advance(r, token, lp, now)) for r, token, lp in zip(rows, tokens, logprobs)]
 
     def retire_cancelled(self) -> list[tuple[_Request, list[Event]]]:
         """Free the rows of cancelled requests (their Finished events)."""

@@ -752,7 +752,11 @@ class LMServer:
         """The playground page; open even with auth on: it holds no secret and asks for the key itself."""
         start = time.perf_counter()
         html, csp = playground_page()
-        headers = {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+        headers = {
+            "Content-Security-Policy": csp,
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-cache",
+        }
         self.metrics.answered("playground", 200, time.perf_counter() - start)
         return Response(html, media_type="text/html; charset=utf-8", headers=headers)
 
@@ -1139,6 +1143,7 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
             "stops it",
             flush=True,
         )
+        print_fn(f"  playground: open {url}/ in a browser", flush=True)
         print_fn(
             f"  curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} "
             f"""-d '{{"model": "{name}", "prompt": "ROMEO:", "max_tokens": 32}}'""",

@@ -80,9 +80,8 @@ def http(server: str) -> Iterator[httpx.Client]:
         yield client
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless Chromium through chromedriver; a machine without them fails here, saying what to install."""
+def _chromium() -> tuple[str, str]:
+    """Chromium and chromedriver from the PATH; a machine without them fails (never skips), saying what to install."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
     if not (chromium and driver_path):
@@ -92,6 +91,13 @@ def browser() -> Iterator[Any]:
             "`chromium chromium-driver` (apt-get install -y chromium chromium-driver)",
             pytrace=False,
         )
+    return chromium, driver_path
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium through chromedriver (selenium; nothing downloaded)."""
+    chromium, driver_path = _chromium()
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -174,6 +180,14 @@ def _engine(http: httpx.Client) -> dict[str, float]:
 
 def _csp_violations(browser: Any) -> list[str]:
     return [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+
+
+def test_a_machine_without_chromium_fails_saying_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/chromium" if name == "chromium" else None)
+    with pytest.raises(
+        pytest.fail.Exception, match=r"need chromedriver on the PATH: .*`chromium chromium-driver`"
+    ):
+        _chromium()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -258,7 +258,9 @@ def test_stop_aborts_the_stream_and_frees_the_row(browser: Any, server: str, htt
     _until(
         "streamed text", lambda: browser.find_element("id", "out-text").get_attribute("textContent"), browser
     )
+    # text on the page while the server is still decoding: it streams in, not all at once at the end
     assert _engine(http)["running"] == 1 and browser.find_element("id", "stop").is_enabled()
+    assert _text(browser, "status").startswith("generating")
     browser.find_element("id", "stop").click()
     status = _wait_status(browser, "stopped")
     assert re.match(r"stopped after \d+ tokens", status)

@@ -8,6 +8,7 @@ Endpoints: ``POST /v1/completions`` (OpenAI completions), ``POST /v1/generate`` 
 ``GET /v1/model``, ``GET /healthz`` and ``GET /metrics`` (Prometheus text, this replica's counters). Every bad
 request gets a 4xx with an OpenAI-style ``{"error": {"message", "type", "param", "code"}}``. ``lm serve`` runs it
 in the foreground (:func:`serve_foreground`); ``lm serve --stop`` stops one started elsewhere (:func:`stop_server`).
+``GET /`` is the playground: a page to try the model in a browser (``playground.html``, shipped as package data).
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves a string annotation (`request: Request`) in the
@@ -16,6 +17,7 @@ in the foreground (:func:`serve_foreground`); ``lm serve --stop`` stops one star
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -550,6 +552,30 @@ def load_model(ref: str | None, tracking_uri: str, experiment: str, device: str 
     return dataclasses.replace(served, info=info)
 
 
+@functools.cache  # read once per process, on the first GET /
+def playground_page() -> tuple[bytes, str]:
+    """The playground (``GET /``): ``playground.html`` from the package and its Content-Security-Policy, which
+    allows exactly the page's inline ``<script>`` and ``<style>`` (by sha256) and requests to its own origin."""
+    import base64
+    import hashlib
+    import re
+    from importlib import resources
+
+    html = resources.files("lmplatform").joinpath("playground.html").read_text("utf-8")
+    markup = re.sub(r"<!--.*?-->", "", html, flags=re.S)  # a comment may mention <script>: not an element
+
+    def hashes(tag: str) -> str:
+        bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", markup, re.S)
+        digests = (base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() for b in bodies)
+        return " ".join(f"'sha256-{d}'" for d in digests)
+
+    csp = (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+        "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return html.encode(), csp
+
+
 # The deployment comes after every helper it calls: serve.ingress copies the class when it is defined, with
 # the module globals that exist at that moment.
 @serve.deployment(name="LMServer")
@@ -733,6 +759,19 @@ class LMServer:
     async def healthz(self) -> Response:
         """Liveness, open even with auth on."""
         return JSONResponse({"status": "ok", "model": self.name})
+
+    @app.get("/")
+    async def playground(self) -> Response:
+        """The playground page; open even with auth on: it holds no secret and asks for the key itself."""
+        start = time.perf_counter()
+        html, csp = playground_page()
+        headers = {
+            "Content-Security-Policy": csp,
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-cache",
+        }
+        self.metrics.answered("playground", 200, time.perf_counter() - start)
+        return Response(html, media_type="text/html; charset=utf-8", headers=headers)
 
     @app.get("/metrics")
     async def metrics(self, request: Request) -> Response:
@@ -1125,6 +1164,7 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
             "stops it",
             flush=True,
         )
+        print_fn(f"  playground: open {url}/ in a browser", flush=True)
         print_fn(
             f"  curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} "
             f"""-d '{{"model": "{name}", "prompt": "ROMEO:", "max_tokens": 32}}'""",

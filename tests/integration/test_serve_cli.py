@@ -117,6 +117,10 @@ def test_lm_serve_runs_in_the_foreground_and_stops_cleanly(
         assert replicas and {_nice(p) for p in replicas} == {_nice(server.pid)}  # not Ray's nice 15
 
         assert httpx.get(f"{url}/healthz").status_code == 200
+        assert f"playground: open {url}/ in a browser" in out
+        page = httpx.get(f"{url}/")  # the playground stays open with auth on: it asks for the key itself
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert KEY not in page.text
         assert httpx.post(f"{url}/v1/generate", json={"prompt": "a"}).status_code == 401
         monkeypatch.setenv("LMLAB_API_KEY", KEY)
         code, out, err = _lm(capsys, "generate", "--url", url, "--prompt", "ROMEO:", "--max-new-tokens", "8")

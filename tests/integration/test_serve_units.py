@@ -32,6 +32,7 @@ from lmplatform.serve import (
     parse_completion,
     parse_generate,
     parse_json,
+    playground_page,
     stream_from_server,
 )
 
@@ -202,3 +203,32 @@ def test_lm_generate_takes_the_openai_base_url_too(monkeypatch: pytest.MonkeyPat
         with pytest.raises(ServeError, match="is `lm serve` running there"):
             stream_from_server(url, "a", 4, 1.0, None, None, 0, out=io.StringIO())
     assert asked == ["http://127.0.0.1:8137/v1/generate"] * 3
+
+
+def test_playground_page_policy_pins_its_own_script_and_style() -> None:
+    # The browser runs only what the Content-Security-Policy allows: the page's one <script> and <style>, by hash
+    # (test_playground.py shows they do run). Inline handlers (onclick=...) and style attributes would be
+    # blocked, so the page must not rely on any; nothing may come from another origin.
+    import base64
+    import hashlib
+    import re
+
+    html, csp = playground_page()
+    page = re.sub(r"<!--.*?-->", "", html.decode(), flags=re.S)
+    policy = dict(part.strip().split(" ", 1) for part in csp.split(";"))
+    for tag in ("script", "style"):
+        (body,) = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S)
+        assert (
+            policy[f"{tag}-src"]
+            == f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+        )
+    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+    markup = re.sub(r"<(script|style)>.*?</\1>", "", page, flags=re.S)
+    assert not re.search(r"\s(on\w+|style)\s*=", markup), (
+        "inline handlers and style attributes are blocked by the CSP"
+    )
+    assert not re.search(r"""(src|href|action)\s*=\s*["']?(https?:)?//""", page), (
+        "the page must be self-contained"
+    )
+    assert "innerHTML" not in page and "insertAdjacentHTML" not in page  # text goes in as text nodes
+    assert playground_page() is playground_page()  # read once per process

@@ -8,7 +8,7 @@ EXP     ?= experiments/tiny.yaml
 ARGS    ?=
 export THP_MEM_ALLOC_ENABLE ?= 1
 
-.PHONY: setup train train-local sweep scaling eval generate data config bench bench-serve test test-fast lint format mlflow-ui job serve serve-stop clean
+.PHONY: setup browser train train-local sweep scaling eval generate data config bench bench-serve test test-fast lint format mlflow-ui job serve serve-stop clean
 
 setup: $(VENV)/.installed ## create .venv and install lmlab with its dev tools
 
@@ -79,8 +79,12 @@ bench: setup ## throughput, generation, MFU and serving-load benchmarks (tables;
 bench-serve: setup ## lm serve under load per batching mode (minutes; bench/results/serve.json); ARGS='--soak-seconds 300' soaks
 	$(BIN)/python -m bench.serve_load $(ARGS)
 
-test: setup ## the whole test suite (unit + integration with real Ray/MLflow)
+test: setup browser ## the whole test suite (unit + integration with real Ray/MLflow, the playground in Chromium)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The playground's browser test drives Debian's chromium through chromium-driver (selenium downloads nothing).
+browser: ## install chromium + chromium-driver with apt if they are missing (the playground test needs them)
+	@command -v chromedriver >/dev/null || { echo "installing chromium and chromium-driver (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 test-fast: setup ## the unit tests only (no Ray)
 	$(BIN)/python -m pytest -q -m "not ray" $(ARGS)

@@ -40,7 +40,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmplatform.config import ServeConfig
-from lmplatform.train import PlatformError
+from lmplatform.train import PlatformError, normal_worker_priority
 
 log = logging.getLogger("lmplatform.serve")
 API_KEY_ENV = "LMLAB_API_KEY"
@@ -1114,12 +1114,8 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
         )  # fail fast
         name = served.info.get("name") or settings.experiment
         if not stop.event.is_set():
-            if own_cluster:
-                # Ray starts its workers at nice 15 (RayConfig worker_niceness): the replica and the proxy
-                # would then get the CPU only when nothing else on the machine wants it, and on a small
-                # machine a client or any busy process starves them. A server of its own runs at normal
-                # priority, as `ray job submit` runs its drivers; RAY_worker_niceness set by the user wins.
-                os.environ.setdefault("RAY_worker_niceness", "0")
+            if own_cluster:  # the replica and the proxy at the server's priority, not Ray's nice 15
+                normal_worker_priority()
             try:
                 ray.init(
                     address=where or "local",

@@ -15,6 +15,7 @@ from lmplatform.cli import main
 from lmplatform.tracking import mlflow_client
 
 from lm.checkpoint import read_run_record
+from tests.integration.conftest import cmdline, descendants, nice_of
 
 pytestmark = pytest.mark.ray
 
@@ -187,6 +188,9 @@ def test_a_signal_stops_every_rank_at_one_checkpoint_and_ends_the_run_killed(
     seen: list[str] = []
     try:
         _wait_for(proc, "| loss", seen)  # training is under way
+        if workers:  # the training workers run at the command's priority, not Ray's nice 15
+            ranks = [p for p in descendants(proc.pid) if cmdline(p).startswith("ray::RayTrainWorker")]
+            assert len(ranks) == workers and {nice_of(p) for p in ranks} == {nice_of(proc.pid)}
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=300)
     finally:

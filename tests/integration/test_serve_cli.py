@@ -22,7 +22,7 @@ from lmplatform.config import load_platform_config
 from lm.checkpoint import save_checkpoint
 from lm.model import TransformerLM
 from lm.tokenizer import train_tokenizer
-from tests.integration.conftest import TINY, free_port
+from tests.integration.conftest import TINY, cmdline, descendants, free_port, nice_of
 
 pytestmark = pytest.mark.ray
 
@@ -37,33 +37,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, small_text: str) -> Pat
     cfg, _ = load_platform_config(None, TINY, base_dir=root)
     torch.manual_seed(0)
     return save_checkpoint(root / "ckpt", TransformerLM(cfg.model), cfg, tokenizer, {"step": 0})
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (from /proc: Ray's gcs, raylet and workers that the server started)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _nice(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 def _alive(pid: int) -> bool:
@@ -111,10 +84,10 @@ def test_lm_serve_runs_in_the_foreground_and_stops_cleanly(
         assert "bearer auth on (key: $LMLAB_API_KEY)" in out and f"curl -s {url}/v1/completions" in out
         assert '-H "Authorization: Bearer $LMLAB_API_KEY"' in out
         assert pid_file.read_text().split() == [str(server.pid), url]
-        family = _descendants(server.pid)  # Ray's processes, started by this server
+        family = descendants(server.pid)  # Ray's processes, started by this server
         assert family
-        replicas = [p for p in family if _cmdline(p).startswith("ray::ServeReplica")]
-        assert replicas and {_nice(p) for p in replicas} == {_nice(server.pid)}  # not Ray's nice 15
+        replicas = [p for p in family if cmdline(p).startswith("ray::ServeReplica")]
+        assert replicas and {nice_of(p) for p in replicas} == {nice_of(server.pid)}  # not Ray's nice 15
 
         assert httpx.get(f"{url}/healthz").status_code == 200
         assert f"playground: open {url}/ in a browser" in out
@@ -196,7 +169,7 @@ def test_lm_serve_refuses_what_it_cannot_place_and_one_sigint_aborts_a_startup(
     server, log = _start(tmp_path, "abort", [*common, "serve.num_cpus=0.5", "serve.threads=1"], _env())
     try:
         _wait_for(server, log, "lm serve: starting 1 replica(s)")
-        family = _descendants(server.pid)
+        family = descendants(server.pid)
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=90) == 128 + signal.SIGINT, log.read_text()
         out = log.read_text()

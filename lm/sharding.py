@@ -111,11 +111,12 @@ def save_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimi
 
     target = Path(directory) / SHARDS
     target.mkdir(parents=True, exist_ok=True)
+    # Before dcp.save, whose last step waits for every rank: when it returns on rank 0, all files are written.
+    torch.save(rank_state, target / rank_file(rank))
     model_state, optim_state = get_state_dict(model, optimizer)
     with _single_process_is_intended():
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(target),
                  no_dist=not _distributed())  # fmt: skip
-    torch.save(rank_state, target / rank_file(rank))
 
 
 def load_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -93,6 +93,13 @@ def test_mistakes_name_the_key(tmp_path: Path, override: str, message: str) -> N
     assert message in str(err.value)
 
 
+def test_fsdp_needs_ray_workers(tmp_path: Path) -> None:
+    _, pcfg = load_platform_config(None, ["ray.strategy=fsdp", "ray.num_workers=2"], base_dir=tmp_path)
+    assert pcfg.ray.strategy == "fsdp"
+    with pytest.raises(ConfigError, match=r"ray.strategy='fsdp' is not allowed: needs ray.num_workers >= 1"):
+        load_platform_config(None, ["ray.strategy=fsdp", "ray.num_workers=0"], base_dir=tmp_path)
+
+
 def test_unknown_top_level_section_is_still_an_error(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError,

@@ -131,6 +131,38 @@ def load_shards(directory: Path, model: nn.Module, optimizer: torch.optim.Optimi
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def load_unsharded(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optim_state: dict[str, Any],
+) -> None:
+    """Load an unsharded (ddp or one-process) checkpoint into a sharded model: every rank reads the full weights
+    and AdamW state and keeps its shard of them.
+
+    ``optim_state`` is ``optimizer.state_dict()`` of the same parameter groups over the plain model, which numbers
+    parameters in group order; the sharded optimizer's groups list the same parameters in the same order.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved = [i for group in optim_state["param_groups"] for i in group["params"]]
+    if len(saved) != len(ordered):
+        raise ValueError(f"the checkpoint's optimizer has {len(saved)} parameters, this model {len(ordered)}")
+    by_name = {
+        "state": {ordered[i]: dict(s) for i, s in optim_state["state"].items()},
+        "param_groups": [
+            {**g, "params": [ordered[i] for i in g["params"]]} for g in optim_state["param_groups"]
+        ],
+    }
+    options = StateDictOptions(full_state_dict=True, strict=False)  # the tied output weight is not stored
+    # (copies: set_state_dict replaces the full tensors in the dicts it is given by shards)
+    set_state_dict(
+        model, optimizer, model_state_dict=dict(weights), optim_state_dict=by_name, options=options
+    )
+
+
 def rank_file(rank: int) -> str:
     """File name of one rank's own state in ``shards/``."""
     return f"rank-{rank:05d}.pt"

@@ -62,6 +62,7 @@ from lm.sharding import (
     has_shards,
     is_sharded,
     load_shards,
+    load_unsharded,
     read_rank_state,
     save_shards,
     set_gradient_sync,
@@ -859,8 +860,8 @@ def _restore(
 ) -> None:
     """Load weights, optimizer, sampler, counters and this rank's RNG from a checked checkpoint.
 
-    A sharded checkpoint loads into a sharded or plain model of any world size (DCP reshards); a plain one only
-    into a plain model.
+    A sharded checkpoint loads into a sharded or plain model of any world size (DCP reshards), a plain one into
+    either too.
     """
     if trainer.get("sharded"):
         if not has_shards(ckpt.path):
@@ -868,12 +869,11 @@ def _restore(
                 f"cannot resume from {ckpt.path}: it was written sharded but has no complete shards/"
             )
         load_shards(ckpt.path, model, optimizer)
-    elif sharded:
-        raise TrainError(
-            f"cannot resume from {ckpt.path}: it was written by an unsharded (single-process or DDP) run and "
-            "cannot be loaded into a sharded (FSDP) model; resume it unsharded, or start a new run from its "
-            "weights"
-        )
+    elif sharded:  # a ddp or one-process run continued sharded
+        try:
+            load_unsharded(model, optimizer, ckpt.weights, trainer["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise TrainError(f"cannot resume from {ckpt.path} sharded: {exc}") from exc
     else:
         load_weights_into(model, ckpt.weights, ckpt.path)
         optimizer.load_state_dict(trainer["optimizer"])

@@ -17,7 +17,15 @@ from torch.nn.parallel import DistributedDataParallel
 from lm.checkpoint import TRAINER, WEIGHTS, load_checkpoint, load_model
 from lm.config import load_config
 from lm.model import TransformerLM
-from lm.sharding import SHARDS, ShardingError, fsdp_wrapper, full_weights, is_sharded, load_shards
+from lm.sharding import (
+    SHARDS,
+    ShardingError,
+    fsdp_wrapper,
+    full_weights,
+    is_sharded,
+    load_shards,
+    load_unsharded,
+)
 from lm.train import DistributedContext, Hooks, build_optimizer, train
 
 WORLD = 2
@@ -65,6 +73,34 @@ def _check_tie(cfg_overrides: list[str], ckpt: Path | None) -> None:
                 assert torch.equal(full[name], tensor), name
 
 
+def _check_unsharded_load(cfg_overrides: list[str], ckpt: Path, copy_to: Path) -> None:
+    """A ddp checkpoint loaded into a sharded model: gathered back, weights and AdamW state are the checkpoint's.
+    Rank 0 then copies the run for the next phase to continue sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    cfg = load_config(None, cfg_overrides)
+    torch.manual_seed(1)  # other initial weights: everything must come from the checkpoint
+    model = fsdp_wrapper(CPU, None)(TransformerLM(cfg.model))
+    optimizer = build_optimizer(model, cfg.optim, CPU)
+    plain = load_checkpoint(ckpt)
+    load_unsharded(model, optimizer, plain.weights, plain.trainer_state()["optimizer"])
+    assert model.lm_head.weight is model.tok_emb.weight
+    full = full_weights(model)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    adam = get_optimizer_state_dict(model, optimizer, options=options)  # {} on rank 1 (cpu_offload)
+    if dist.get_rank() == 0:
+        adam = adam["state"]
+        for name, tensor in plain.weights.items():
+            assert torch.equal(full[name], tensor), name
+        ref = _adam_state(ckpt, cfg_overrides)
+        assert adam.keys() == ref.keys()
+        for name, moments in ref.items():
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(adam[name][key], moments[key]), (name, key)
+        shutil.copytree(ckpt.parent, copy_to)
+    dist.barrier()
+
+
 def _worker(rank: int, world: int, init_file: str, phases: list[tuple[str, list[str], str | None]]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -72,6 +108,11 @@ def _worker(rank: int, world: int, init_file: str, phases: list[tuple[str, list[
         for kind, overrides, extra in phases:
             if kind == "tie":
                 _check_tie(overrides, Path(extra) if extra else None)
+                continue
+            if kind == "unsharded":
+                _check_unsharded_load(
+                    overrides, Path(extra), Path(load_config(None, overrides).train.out_dir)
+                )
                 continue
             cfg = load_config(None, overrides)
             own = Path(extra) if kind == "fsdp-own" else None
@@ -119,6 +160,8 @@ def test_fsdp_and_ddp_on_two_ranks_match_one_process_and_sharded_checkpoints_rou
     resume = dict(model__dropout=0.1, train__max_steps=8, train__checkpoint_interval=4, train__log_interval=1)
     straight = toy_args(train__out_dir=tmp_path / "straight", **resume)
     crashed = toy_args(train__out_dir=tmp_path / "crashed", **resume)
+    # the ddp run (3 steps) continued to 5 as fsdp: its plain checkpoint loads into the shards
+    switch = toy_args(train__out_dir=tmp_path / "switch", **(two | {"train__max_steps": 5}))
     own = toy_args(
         train__out_dir=tmp_path / "own", **(resume | {"train__max_steps": 4, "optim__warmup_steps": 2})
     )
@@ -131,6 +174,8 @@ def test_fsdp_and_ddp_on_two_ranks_match_one_process_and_sharded_checkpoints_rou
         ("fsdp", crashed, None),
         ("tie", fsdp_args, str(tmp_path / "fsdp" / "step-000003")),
         ("fsdp-own", own, str(tmp_path / "rank-1-own")),
+        ("unsharded", switch, str(tmp_path / "ddp" / "step-000003")),
+        ("fsdp", switch, None),
     ]
     mp.spawn(_worker, args=(WORLD, str(tmp_path / "init"), phases), nprocs=WORLD, join=True)
 
@@ -182,6 +227,10 @@ def test_fsdp_and_ddp_on_two_ranks_match_one_process_and_sharded_checkpoints_rou
     b = load_checkpoint(tmp_path / "crashed" / "step-000008").weights
     for name, tensor in a.items():
         assert torch.equal(tensor, b[name]), name
+
+    # ddp -> fsdp: the continued run trained steps 4 and 5 and wrote a sharded checkpoint
+    assert sorted(_losses(tmp_path / "switch")) == [4, 5]
+    assert (tmp_path / "switch" / "step-000005" / SHARDS / ".metadata").is_file()
 
     # own_checkpoint_dir: rank 1 wrote its part elsewhere (what Ray Train uploads and merges); merged, it loads
     merged = tmp_path / "own" / "step-000004"

@@ -1,10 +1,11 @@
 """The training loop, written by hand and launcher-agnostic.
 
 ``train(cfg)`` runs in one process. A launcher (lmplatform's Ray Train wrapper) passes a
-:class:`DistributedContext` (rank, world size, device, how to wrap the model in DDP, how to agree on a float)
-and :class:`Hooks` (where metrics and checkpoints go, when to stop). The loop itself never imports a launcher.
+:class:`DistributedContext` (rank, world size, device, how to wrap the model in DDP or shard it with FSDP
+(:mod:`lm.sharding`), how to agree on a float) and :class:`Hooks` (where metrics and checkpoints go, when to
+stop). The loop itself never imports a launcher.
 
-Per optimizer step: ``grad_accum_steps`` micro-batches (``no_sync`` on all but the last under DDP), loss
+Per optimizer step: ``grad_accum_steps`` micro-batches (no gradient sync on all but the last), loss
 scaled by 1/accum, gradients unscaled (fp16) and clipped by global norm, AdamW step, then the LR for the next
 step from warmup + cosine/linear/constant/warmup-stable-decay over the run's progress. Progress is the furthest
 of the configured budgets (steps, tokens, wall-clock seconds), so a 120-second run decays its LR to ``min_lr``
@@ -57,12 +58,14 @@ from lm.data import BlockSampler, PreparedData, file_sha256, prepare_data
 from lm.evaluate import EvalResult, evaluate_split
 from lm.model import TransformerLM
 from lm.sharding import (
+    SHARDS,
     full_weights,
     global_norm,
     has_shards,
     is_sharded,
     load_shards,
     load_unsharded,
+    rank_file,
     read_rank_state,
     save_shards,
     set_gradient_sync,
@@ -661,6 +664,15 @@ def _save_shards(run: _Run) -> tuple[Path | None, Path | None, dict[str, torch.T
     save_shards(target, run.model, run.optimizer, dist.rank, {"rng": capture_rng_state(),
                 "world_size": dist.world_size})  # fmt: skip
     weights = full_weights(run.model)  # a collective: the full model on rank 0 for model.safetensors
+    missing = []  # every rank has written by now: in a shared staging dir, rank 0 must see every rank's files
+    if dist.is_main and dist.own_checkpoint_dir is None:
+        missing = [r for r in range(dist.world_size) if not (staging / SHARDS / rank_file(r)).is_file()]
+    if dist.all_max([float(len(missing))])[0]:  # every rank stops here, not only rank 0
+        raise TrainError(
+            f"some ranks wrote their checkpoint shards where rank 0 cannot see them (in {staging}, rank 0 misses "
+            f"ranks {missing or '?'}): workers on several machines need the run directory on a filesystem every "
+            "node mounts, or remote storage"
+        )
     if own is not None:
         os.replace(target, own)
         for old in sorted(own.parent.glob("step-*"))[: -run.cfg.train.keep_last]:

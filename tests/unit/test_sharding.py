@@ -114,13 +114,18 @@ def _worker(rank: int, world: int, init_file: str, phases: list[tuple[str, list[
                     overrides, Path(extra), Path(load_config(None, overrides).train.out_dir)
                 )
                 continue
+            if (
+                kind == "fsdp-split" and rank == 1
+            ):  # as if rank 1 ran on a machine without rank 0's filesystem
+                overrides = [*overrides, f"train.out_dir={extra}"]
             cfg = load_config(None, overrides)
             own = Path(extra) if kind == "fsdp-own" else None
             hooks = _CrashAt(int(extra)) if kind == "fsdp-crash" else None
             try:
                 result = train(cfg, dist=_context(rank, world, kind, own), hooks=hooks, handle_signals=False)
             except RuntimeError as exc:
-                assert kind == "fsdp-crash" and "crash at step" in str(exc), exc
+                expected = {"fsdp-crash": "crash at step", "fsdp-split": "where rank 0 cannot see them"}
+                assert kind in expected and expected[kind] in str(exc), exc
                 continue
             if rank == 0:
                 Path(cfg.train.out_dir, "history.json").write_text(json.dumps(result.history))
@@ -176,6 +181,11 @@ def test_fsdp_and_ddp_on_two_ranks_match_one_process_and_sharded_checkpoints_rou
         ("fsdp-own", own, str(tmp_path / "rank-1-own")),
         ("unsharded", switch, str(tmp_path / "ddp" / "step-000003")),
         ("fsdp", switch, None),
+        (
+            "fsdp-split",
+            toy_args(train__out_dir=tmp_path / "split", train__max_steps=2, optim__warmup_steps=0),
+            str(tmp_path / "elsewhere"),
+        ),
     ]
     mp.spawn(_worker, args=(WORLD, str(tmp_path / "init"), phases), nprocs=WORLD, join=True)
 
@@ -231,6 +241,10 @@ def test_fsdp_and_ddp_on_two_ranks_match_one_process_and_sharded_checkpoints_rou
     # ddp -> fsdp: the continued run trained steps 4 and 5 and wrote a sharded checkpoint
     assert sorted(_losses(tmp_path / "switch")) == [4, 5]
     assert (tmp_path / "switch" / "step-000005" / SHARDS / ".metadata").is_file()
+
+    # a rank whose shards land where rank 0 cannot see them: every rank stops with the reason, nothing is renamed
+    assert not (tmp_path / "split" / "step-000002").exists()
+    assert (tmp_path / "elsewhere" / ".tmp-step-000002-staging" / SHARDS / "__1_0.distcp").is_file()
 
     # own_checkpoint_dir: rank 1 wrote its part elsewhere (what Ray Train uploads and merges); merged, it loads
     merged = tmp_path / "own" / "step-000004"

@@ -112,9 +112,10 @@ class DistributedContext:
     # Element-wise max over ranks: every rank sees the same elapsed time and stop request, so all stop at the same
     # step (a rank that stopped alone would deadlock the others' next all-reduce).
     all_max: Callable[[list[float]], list[float]] = _same
-    # Sharded checkpoints: where a rank other than 0 writes its part (``<dir>/step-NNNNNN/shards/...``) for a
-    # launcher that gathers the parts itself (Ray Train merges reported directories). None: every rank writes into
-    # the checkpoint directory rank 0 completes, which all ranks must then see (one machine, a shared filesystem).
+    # Sharded checkpoints, set on every rank or none: where a rank other than 0 writes its part
+    # (``<dir>/step-NNNNNN/shards/...``) for a launcher that gathers the parts itself (Ray Train merges reported
+    # directories; rank 0's part is the checkpoint directory). None: every rank writes into the checkpoint
+    # directory rank 0 completes, which all ranks must then see (one machine, a shared filesystem).
     own_checkpoint_dir: Path | None = None
 
     @property

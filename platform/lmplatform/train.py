@@ -588,7 +588,8 @@ def ray_distributed_context(
 
     ``fsdp`` shards the model over every worker of the group (one worker included: the same code path), with bf16
     parameters when ``amp`` (train.amp) resolves to bf16 on this device. ``own_checkpoint_root``: ranks other than
-    0 write their checkpoint shards under ``<root>/rank-NNNNN`` and report them, for Ray to merge (remote storage).
+    0 write their checkpoint shards under ``<root>/rank-NNNNN`` and report them, for Ray to merge (remote storage;
+    rank 0's part is the checkpoint directory itself).
     """
     import ray.train
     import ray.train.torch
@@ -596,7 +597,7 @@ def ray_distributed_context(
     ctx = ray.train.get_context()
     world_size, rank = ctx.get_world_size(), ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    own = own_checkpoint_root / f"rank-{rank:05d}" if own_checkpoint_root is not None and rank else None
+    own = own_checkpoint_root / f"rank-{rank:05d}" if own_checkpoint_root is not None else None
     if strategy == "fsdp":
         # FSDP2's fully_shard over a mesh of the Ray Train workers (gloo on CPU, nccl on GPU: the group Ray set
         # up); not prepare_model(parallel_strategy="fsdp"), which wraps the older FSDP and needs CUDA.

@@ -3,6 +3,7 @@
     python -m bench.run                       # everything, on CPU with the current thread count (serve: minutes)
     python -m bench.run --only train,generate,mfu   # without the serving load test
     python -m bench.run --only train --device cuda --amp bf16
+    python -m bench.run --only fsdp                 # ddp vs fsdp memory per worker (bench/fsdp_memory.py)
 
 Speeds of two models are measured alternately in one process (the same process can run 25% faster or slower
 than the next), and the ratio is the number to compare. Prints tables and writes bench/results/<name>.json.
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="train,generate,mfu,serve",
-        help="a comma-separated subset of train,generate,mfu,serve",
+        help="a comma-separated subset of train,generate,mfu,serve, or fsdp (ddp vs fsdp memory per worker, "
+        "bench/fsdp_memory.py; not in the default)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
@@ -238,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.serve_load import main as serve_main
 
         serve_main([])
+    if "fsdp" in only:  # its own results file (fsdp_memory.json): two pairs of gloo worker processes
+        from bench.fsdp_memory import main as fsdp_main
+
+        fsdp_main([])
     results["loadavg_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     name = args.name or f"{device.type}-{args.amp or 'fp32'}{'-compile' if args.compile else ''}"

@@ -7,6 +7,7 @@ A checkpoint is a directory::
     config.yaml         the resolved experiment config
     tokenizer.json      the tokenizer the model was trained with
     metrics.json        step, losses, perplexity, bits per byte at save time
+    shards/             sharded (FSDP) runs only: model and optimizer shards and per-rank RNG (lm.sharding)
 
 It is written into a temporary sibling directory and renamed into place, so a kill mid-save never leaves a
 half-written checkpoint where a loader would find it. A run directory holds ``step-NNNNNN`` checkpoints, ``best``,
@@ -101,15 +102,21 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Weights for safetensors: prefixes stripped, tied tensors stored once (lm_head aliases tok_emb)."""
+def model_weights(
+    model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Weights for safetensors: prefixes stripped, tied tensors stored once (lm_head aliases tok_emb).
+
+    ``state`` is the model's full state dict when it was gathered elsewhere (a sharded model's, see
+    :func:`lm.sharding.full_weights`), where the tied tensors arrive as two copies.
+    """
     raw = unwrap_model(model)
-    state = clean_state_dict(raw.state_dict())
+    state = clean_state_dict(raw.state_dict() if state is None else state)
     seen: dict[int, str] = {}
     out = {}
     for name, tensor in state.items():
         key = tensor.data_ptr()
-        if key in seen and tensor.shape == state[seen[key]].shape:
+        if _is_tied(raw, name) or (key in seen and tensor.shape == state[seen[key]].shape):
             continue  # safetensors refuses shared storage; the tie is restored on load
         seen[key] = name
         out[name] = tensor.detach().to("cpu").contiguous()
@@ -123,14 +130,21 @@ def save_checkpoint(
     tokenizer: Tokenizer | str | Path,
     metrics: dict[str, Any] | None = None,
     trainer_state: dict[str, Any] | None = None,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    staging: Path | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (temp dir, then rename) and return its path."""
+    """Write a checkpoint directory atomically (temp dir, then rename) and return its path.
+
+    ``weights``: the model's full state dict, gathered by the caller (a sharded model); ``staging``: the temp dir
+    to complete and rename, already holding files other ranks wrote (a sharded checkpoint's ``shards/``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
+    tmp = staging or path.parent / f".tmp-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir(exist_ok=staging is not None)
     try:
-        save_file(model_weights(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(model_weights(model, weights), str(tmp / WEIGHTS), metadata={"format": "pt"})
         save_config(cfg, tmp / CONFIG)
         if isinstance(tokenizer, Tokenizer):
             tokenizer.save(tmp / TOKENIZER)
@@ -367,12 +381,21 @@ class CheckpointManager:
             return None  # another run's best: never compared with
         return metrics.get(self.score_key)
 
+    def step_path(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` goes."""
+        return self.out_dir / f"step-{step:06d}"
+
+    def staging_path(self, step: int) -> Path:
+        """The temp dir every rank of a sharded save writes into before rank 0 renames it to :meth:`step_path`
+        (a name all ranks can compute; removed by :meth:`clean_temp` when a kill left it behind)."""
+        return self.out_dir / f".tmp-step-{step:06d}-staging"
+
     def save(self, step: int, **kwargs: Any) -> Path:
         """Save ``step-NNNNNN``, update ``best`` when the score improved, prune old steps; returns the new path."""
         metrics = dict(kwargs.pop("metrics", None) or {})
         if self.run_id is not None:
             metrics["run_id"] = self.run_id
-        path = save_checkpoint(self.out_dir / f"step-{step:06d}", metrics=metrics, **kwargs)
+        path = save_checkpoint(self.step_path(step), metrics=metrics, **kwargs)
         score, best = metrics.get(self.score_key), self.best_score()
         if score is not None and (best is None or score <= best):
             # best is weights-only: nobody resumes from it, and optimizer state would triple its size
@@ -462,8 +485,11 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    """fsync every file in ``path`` and the directory itself."""
+    """fsync every file in ``path`` (and its subdirectories) and the directory itself."""
     for child in path.iterdir():
+        if child.is_dir():
+            _fsync_dir(child)
+            continue
         with open(child, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_path(path)

@@ -1,10 +1,11 @@
 """The training loop, written by hand and launcher-agnostic.
 
 ``train(cfg)`` runs in one process. A launcher (lmplatform's Ray Train wrapper) passes a
-:class:`DistributedContext` (rank, world size, device, how to wrap the model in DDP, how to agree on a float)
-and :class:`Hooks` (where metrics and checkpoints go, when to stop). The loop itself never imports a launcher.
+:class:`DistributedContext` (rank, world size, device, how to wrap the model in DDP or shard it with FSDP
+(:mod:`lm.sharding`), how to agree on a float) and :class:`Hooks` (where metrics and checkpoints go, when to
+stop). The loop itself never imports a launcher.
 
-Per optimizer step: ``grad_accum_steps`` micro-batches (``no_sync`` on all but the last under DDP), loss
+Per optimizer step: ``grad_accum_steps`` micro-batches (no gradient sync on all but the last), loss
 scaled by 1/accum, gradients unscaled (fp16) and clipped by global norm, AdamW step, then the LR for the next
 step from warmup + cosine/linear/constant/warmup-stable-decay over the run's progress. Progress is the furthest
 of the configured budgets (steps, tokens, wall-clock seconds), so a 120-second run decays its LR to ``min_lr``
@@ -24,6 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -48,12 +50,26 @@ from lm.checkpoint import (
     read_run_record,
     restore_rng_state,
     run_lock,
+    safe_rmtree,
     update_run_record,
 )
 from lm.config import ExperimentConfig, OptimConfig, TrainConfig, flatten, to_dict
 from lm.data import BlockSampler, PreparedData, file_sha256, prepare_data
 from lm.evaluate import EvalResult, evaluate_split
 from lm.model import TransformerLM
+from lm.sharding import (
+    SHARDS,
+    full_weights,
+    global_norm,
+    has_shards,
+    is_sharded,
+    load_shards,
+    load_unsharded,
+    rank_file,
+    read_rank_state,
+    save_shards,
+    set_gradient_sync,
+)
 
 log = logging.getLogger("lm.train")
 
@@ -91,10 +107,16 @@ class DistributedContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device | None = None  # None: from train.device
-    wrap_model: Callable[[nn.Module], nn.Module] = _identity  # e.g. DDP
+    # e.g. DDP, or lm.sharding.fsdp_wrapper (shards the model in place; the optimizer is built after it)
+    wrap_model: Callable[[nn.Module], nn.Module] = _identity
     # Element-wise max over ranks: every rank sees the same elapsed time and stop request, so all stop at the same
     # step (a rank that stopped alone would deadlock the others' next all-reduce).
     all_max: Callable[[list[float]], list[float]] = _same
+    # Sharded checkpoints, set on every rank or none: where a rank other than 0 writes its part
+    # (``<dir>/step-NNNNNN/shards/...``) for a launcher that gathers the parts itself (Ray Train merges reported
+    # directories; rank 0's part is the checkpoint directory). None: every rank writes into the checkpoint
+    # directory rank 0 completes, which all ranks must then see (one machine, a shared filesystem).
+    own_checkpoint_dir: Path | None = None
 
     @property
     def is_main(self) -> bool:
@@ -116,7 +138,9 @@ class Hooks:
         """Metrics of every evaluation (every rank): dev_* always, val_* too at the end of the run."""
 
     def on_checkpoint(self, step: int, metrics: dict[str, float], path: Path | None) -> None:
-        """After a checkpoint was saved; ``path`` is None on ranks other than 0 (which do not write)."""
+        """After a checkpoint was saved (every rank). ``path`` is the directory this rank completed: the
+        checkpoint on rank 0; on other ranks None, or their own part of a sharded checkpoint when
+        ``DistributedContext.own_checkpoint_dir`` is set."""
 
     def should_stop(self) -> bool:
         """Return True to stop at this step boundary: the loop checkpoints and returns ``interrupted=True``."""
@@ -307,6 +331,7 @@ class _Run:
     resumed_from: Path | None
     start_step: int
     autocast: contextlib.AbstractContextManager
+    sharded: bool = False  # parameters are DTensor shards (FSDP): sharded checkpoints, gradient sync by FSDP
     history: list[dict[str, float]] = field(default_factory=list)
     last_checkpoint: Path | None = None
     evaluated: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> dev metrics (run once)
@@ -412,6 +437,9 @@ def _setup(
 
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = TransformerLM(cfg.model).to(device)
+    # Wrapped before the optimizer exists: FSDP replaces the parameters by their shards, and AdamW must hold those.
+    wrapped = dist.wrap_model(model)
+    sharded = is_sharded(model)
     optimizer = build_optimizer(model, cfg.optim, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = BlockSampler(
@@ -423,7 +451,7 @@ def _setup(
     if resumed_from is not None:
         assert checked is not None
         ckpt, trainer = checked
-        _restore(ckpt, trainer, model, optimizer, scaler, sampler, state, cfg, dist)
+        _restore(ckpt, trainer, model, optimizer, scaler, sampler, state, cfg, dist, sharded)
         run_id = trainer.get("run_id") or ckpt.metrics.get("run_id") or uuid.uuid4().hex
         _warn_changed(resumed_from, record.get("started_config") or to_dict(ckpt.config), cfg)
         _rebase_schedule(trainer.get("budget"), state, cfg)
@@ -439,12 +467,11 @@ def _setup(
         update_run_record(
             out_dir, run_id=run_id, status="running", step=state.step, started_config=started or to_dict(cfg)
         )
-    wrapped = dist.wrap_model(model)
     if tc.compile:
         wrapped = torch.compile(wrapped)
     run = _Run(
         cfg, data, hooks, dist, device, model, wrapped, optimizer, scaler, sampler, manager, state, run_id,
-        resumed_from, state.step, autocast_context(device, amp_dtype),
+        resumed_from, state.step, autocast_context(device, amp_dtype), sharded,
     )  # fmt: skip
     if tc.compile:
         _warm_up_compiled(run)
@@ -526,6 +553,8 @@ def _train_step(run: _Run, lr: float) -> tuple[torch.Tensor, float | None]:
         x, y = run.sampler.next_batch()
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         last_micro = micro == tc.grad_accum_steps - 1
+        if run.sharded:  # FSDP: reduce-scatter only after the last micro-batch (unsharded grads accumulate)
+            set_gradient_sync(run.model, last_micro)
         sync = (
             contextlib.nullcontext()
             if last_micro or not hasattr(run.wrapped, "no_sync")
@@ -539,7 +568,8 @@ def _train_step(run: _Run, lr: float) -> tuple[torch.Tensor, float | None]:
     grad_norm = None
     if cfg.optim.grad_clip is not None:
         run.scaler.unscale_(run.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip))
+        # Over FSDP shards clip_grad_norm_ all-reduces the norm: every rank clips by the global norm.
+        grad_norm = global_norm(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip))
     loss_value = float(step_loss)
     # fp16's GradScaler skips steps with inf gradients by design; everything else non-finite is divergence,
     # stopped here, before the optimizer writes it into the weights.
@@ -586,14 +616,21 @@ def _evaluate_and_checkpoint(run: _Run, checkpoint: bool, elapsed: Callable[[], 
 
 
 def _save(run: _Run, metrics: dict[str, float], status: str = "running") -> Path | None:
-    """Checkpoint on rank 0 (the others only call the hook, which Ray needs from every rank)."""
+    """Checkpoint on rank 0 (the others only call the hook, which Ray needs from every rank); a sharded model's
+    checkpoint is written by every rank (:func:`_save_shards`)."""
     path = None
     state = run.state
-    rng = _gather_rng(run.dist)  # a collective: every rank takes part before rank 0 writes
+    if run.sharded:
+        own, staging, weights = _save_shards(run)
+        rng: list[dict[str, Any]] = []  # each rank's RNG is in its own file under shards/
+    else:
+        own, staging, weights = None, None, None
+        rng = _gather_rng(run.dist)  # a collective: every rank takes part before rank 0 writes
     if run.dist.is_main:
         path = run.manager.save(
             state.step, model=run.model, cfg=run.cfg, tokenizer=run.data.tokenizer_path, metrics=metrics,
-            trainer_state=_trainer_state(run, rng, finished=status == "finished"),
+            trainer_state=_trainer_state(run, rng, finished=status == "finished"), weights=weights,
+            staging=staging,
         )  # fmt: skip
         update_run_record(run.manager.out_dir, status=status, step=state.step, last_checkpoint=str(path))
         new_best = read_metrics(run.manager.best_path).get("step") == state.step
@@ -601,8 +638,52 @@ def _save(run: _Run, metrics: dict[str, float], status: str = "running") -> Path
             "step %d | saved checkpoint %s%s", state.step, path, " (new best on dev)" if new_best else ""
         )
     run.last_checkpoint = path
-    run.hooks.on_checkpoint(state.step, metrics, path)
+    run.hooks.on_checkpoint(state.step, metrics, path or own)
     return path
+
+
+def _save_shards(run: _Run) -> tuple[Path | None, Path | None, dict[str, torch.Tensor] | None]:
+    """Every rank writes its model and optimizer shard and its RNG; rank 0 gathers the full weights for export.
+
+    Returns (this rank's own completed directory or None, the staging dir rank 0 completes or None, the full
+    weights on rank 0 or None). Ranks share rank 0's staging dir unless ``own_checkpoint_dir`` gives them one.
+    """
+    dist, step = run.dist, run.state.step
+    staging = run.manager.staging_path(step)
+    if dist.is_main and staging.exists():  # left by a kill during an earlier save of this step
+        safe_rmtree(staging, run.manager.out_dir)
+    _barrier(dist)  # nobody writes into the staging dir before it is clean
+    own = None
+    if dist.is_main or dist.own_checkpoint_dir is None:
+        target = staging
+    else:
+        own = Path(dist.own_checkpoint_dir) / f"step-{step:06d}"
+        target = own.parent / f".tmp-{own.name}-{os.getpid()}"
+        for old in (own, target):
+            if old.exists():
+                safe_rmtree(old, dist.own_checkpoint_dir)
+    save_shards(target, run.model, run.optimizer, dist.rank, {"rng": capture_rng_state(),
+                "world_size": dist.world_size})  # fmt: skip
+    weights = full_weights(run.model)  # a collective: the full model on rank 0 for model.safetensors
+    missing = []  # every rank has written by now: in a shared staging dir, rank 0 must see every rank's files
+    if dist.is_main and dist.own_checkpoint_dir is None:
+        missing = [r for r in range(dist.world_size) if not (staging / SHARDS / rank_file(r)).is_file()]
+    if dist.all_max([float(len(missing))])[0]:  # every rank stops here, not only rank 0
+        raise TrainError(
+            f"some ranks wrote their checkpoint shards where rank 0 cannot see them (in {staging}, rank 0 misses "
+            f"ranks {missing or '?'}): workers on several machines need the run directory on a filesystem every "
+            "node mounts, or remote storage"
+        )
+    if own is not None:
+        os.replace(target, own)
+        for old in sorted(own.parent.glob("step-*"))[: -run.cfg.train.keep_last]:
+            safe_rmtree(old, dist.own_checkpoint_dir)
+    return own, staging if dist.is_main else None, weights if dist.is_main else None
+
+
+def _barrier(dist: DistributedContext) -> None:
+    if dist.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _finish(run: _Run, interrupted: bool) -> TrainResult:
@@ -720,7 +801,9 @@ def _eval_metrics(result: EvalResult, split: str) -> dict[str, float]:
 def _trainer_state(run: _Run, rng: list[dict[str, Any]], finished: bool) -> dict[str, Any]:
     state = run.state
     return {
-        "optimizer": run.optimizer.state_dict(),
+        # A sharded model's optimizer state is in shards/, each rank's part written by that rank.
+        "optimizer": None if run.sharded else run.optimizer.state_dict(),
+        "sharded": run.sharded,
         "scaler": run.scaler.state_dict(),
         "sampler": run.sampler.state_dict(),
         "step": state.step,
@@ -786,10 +869,27 @@ def _restore(
     state: _State,
     cfg: ExperimentConfig,
     dist: DistributedContext,
+    sharded: bool = False,
 ) -> None:
-    """Load weights, optimizer, sampler, counters and this rank's RNG from a checked checkpoint."""
-    load_weights_into(model, ckpt.weights, ckpt.path)
-    optimizer.load_state_dict(trainer["optimizer"])
+    """Load weights, optimizer, sampler, counters and this rank's RNG from a checked checkpoint.
+
+    A sharded checkpoint loads into a sharded or plain model of any world size (DCP reshards), a plain one into
+    either too.
+    """
+    if trainer.get("sharded"):
+        if not has_shards(ckpt.path):
+            raise TrainError(
+                f"cannot resume from {ckpt.path}: it was written sharded but has no complete shards/"
+            )
+        load_shards(ckpt.path, model, optimizer)
+    elif sharded:  # a ddp or one-process run continued sharded
+        try:
+            load_unsharded(model, optimizer, ckpt.weights, trainer["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise TrainError(f"cannot resume from {ckpt.path} sharded: {exc}") from exc
+    else:
+        load_weights_into(model, ckpt.weights, ckpt.path)
+        optimizer.load_state_dict(trainer["optimizer"])
     scaler.load_state_dict(trainer["scaler"])
     sampler.load_state_dict(trainer["sampler"])
     state.step, state.tokens, state.elapsed = trainer["step"], trainer["tokens"], trainer["elapsed"]
@@ -797,6 +897,15 @@ def _restore(
     state.decay_from_lr = trainer.get("decay_from_lr")
     state.lr = trainer.get("lr", 0.0)
     rng = trainer["rng"]
+    if trainer.get("sharded"):  # every rank saved its own RNG next to its shard
+        own = read_rank_state(ckpt.path, dist.rank)
+        if own is not None and own.get("world_size") == dist.world_size:
+            rng = [own["rng"]] * dist.world_size  # rng[dist.rank] below is this rank's own stream
+        else:
+            rank0 = read_rank_state(ckpt.path, 0)
+            if rank0 is None:
+                raise TrainError(f"cannot resume from {ckpt.path}: shards/ lacks rank 0's state")
+            rng = [rank0["rng"]]
     # One stream per rank; a different world size keeps rank 0's stream and reseeds the others.
     if isinstance(rng, list):
         if dist.rank < len(rng) and len(rng) == dist.world_size:

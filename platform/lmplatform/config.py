@@ -44,6 +44,9 @@ class RayConfig(Section):
     keep_checkpoints: int = 2
     max_failures: int = 0  # worker-group restarts; -1 = unlimited
     address: str | None = None  # None: RAY_ADDRESS or a running local head, else start one
+    # ddp: every worker holds the whole model and optimizer (DistributedDataParallel); fsdp: parameters,
+    # gradients and optimizer state sharded over the workers (FSDP2 fully_shard, sharded DCP checkpoints)
+    strategy: str = field(default="ddp", metadata={"choices": ("ddp", "fsdp")})
 
     def validate(self) -> None:
         check(self.num_workers >= 0, "ray.num_workers", self.num_workers, "must be >= 0 (0 = local mode)")
@@ -59,6 +62,13 @@ class RayConfig(Section):
             check_name(self.run_name, "ray.run_name")
         if self.gpus_per_worker is not None:
             check(self.use_gpu, "ray.gpus_per_worker", self.gpus_per_worker, "needs ray.use_gpu=true")
+        if self.strategy == "fsdp":
+            check(
+                self.num_workers >= 1,
+                "ray.strategy",
+                self.strategy,
+                "needs ray.num_workers >= 1 (0 = local mode)",
+            )
 
     @property
     def is_local_storage(self) -> bool:

@@ -47,7 +47,8 @@ from lm.checkpoint import (
 )
 from lm.config import ExperimentConfig, build, to_dict
 from lm.data import prepare_data
-from lm.train import DistributedContext, Hooks, preflight, resolve_device, train
+from lm.sharding import fsdp_wrapper
+from lm.train import DistributedContext, Hooks, preflight, resolve_amp, resolve_device, train
 from lmplatform.config import PlatformConfig, RayConfig
 from lmplatform.tracking import MetricLogger, RunTracker, TrackingHooks, start_run
 
@@ -348,6 +349,7 @@ def run_training(
                 "fail_at_step": _fail_at_step(),
                 "cpus_per_worker": rc.cpus_per_worker,
                 "local_mode": rc.num_workers == 0,
+                "strategy": rc.strategy,
                 "logger": tracker.logger if tracker else None,
                 "record_dir": str(root) if rc.is_local_storage else None,
                 "started_at": started_at,
@@ -586,23 +588,34 @@ def _fail_at_step() -> int | None:
 # Workers
 
 
-def ray_distributed_context() -> DistributedContext:
-    """lm's DistributedContext for this Ray Train worker: rank, world size, device, DDP wrapper, all_max."""
+def ray_distributed_context(
+    strategy: str = "ddp", amp: str = "off", own_checkpoint_root: Path | None = None
+) -> DistributedContext:
+    """lm's DistributedContext for this Ray Train worker: rank, world size, device, the DDP or FSDP wrapper,
+    all_max.
+
+    ``fsdp`` shards the model over every worker of the group (one worker included: the same code path), with bf16
+    parameters when ``amp`` (train.amp) resolves to bf16 on this device. ``own_checkpoint_root``: ranks other than
+    0 write their checkpoint shards under ``<root>/rank-NNNNN`` and report them, for Ray to merge (remote storage;
+    rank 0's part is the checkpoint directory itself).
+    """
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     world_size, rank = ctx.get_world_size(), ctx.get_world_rank()
     device = ray.train.torch.get_device()
+    own = own_checkpoint_root / f"rank-{rank:05d}" if own_checkpoint_root is not None else None
+    if strategy == "fsdp":
+        # FSDP2's fully_shard over a mesh of the Ray Train workers (gloo on CPU, nccl on GPU: the group Ray set
+        # up); not prepare_model(parallel_strategy="fsdp"), which wraps the older FSDP and needs CUDA.
+        return DistributedContext(
+            rank=rank, world_size=world_size, device=device, wrap_model=fsdp_wrapper(device, resolve_amp(amp, device)),
+            all_max=_all_max_over(device) if world_size > 1 else DistributedContext.all_max,
+            own_checkpoint_dir=own,
+        )  # fmt: skip
     if world_size == 1:
         return DistributedContext(rank=rank, world_size=1, device=device)
-
-    def all_max(values: list[float]) -> list[float]:
-        # Ranks must agree on elapsed time and on stopping, or they stop at different steps and the last
-        # all-reduce deadlocks. gloo reduces on CPU tensors; nccl needs them on the GPU.
-        tensor = torch.tensor(values, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        return tensor.tolist()
 
     # prepare_model moves the model to the worker's device and wraps it in DDP (gloo on CPU, nccl on GPU).
     return DistributedContext(
@@ -610,8 +623,19 @@ def ray_distributed_context() -> DistributedContext:
         world_size=world_size,
         device=device,
         wrap_model=ray.train.torch.prepare_model,
-        all_max=all_max,
+        all_max=_all_max_over(device),
     )
+
+
+def _all_max_over(device: torch.device) -> Any:
+    def all_max(values: list[float]) -> list[float]:
+        # Ranks must agree on elapsed time and on stopping, or they stop at different steps and the last
+        # all-reduce deadlocks. gloo reduces on CPU tensors; nccl needs them on the GPU.
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return tensor.tolist()
+
+    return all_max
 
 
 class RayHooks(Hooks):
@@ -669,7 +693,8 @@ class RayHooks(Hooks):
             self.report(step, metrics)
 
     def on_checkpoint(self, step: int, metrics: dict[str, float], path: Path | None) -> None:
-        """Remote storage: report on every rank (Ray waits for all); rank 0 hands over the directory."""
+        """Remote storage: report on every rank (Ray waits for all); rank 0 hands over the directory, and under
+        fsdp every other rank its own part (its shards), which Ray merges into the same checkpoint."""
         if not self.report_checkpoints:
             return
         import ray.train
@@ -708,7 +733,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         # (a sweep's local-mode trials: ray#49454), and has nothing to add to rank 0 of 1.
         dist = DistributedContext(device=resolve_device(cfg.train.device))
     else:
-        dist = ray_distributed_context()
+        own_root = Path(cfg.train.out_dir) if config["report_checkpoints"] else None
+        dist = ray_distributed_context(config.get("strategy", "ddp"), cfg.train.amp, own_root)
     _worker_logging(config["local_mode"], dist.rank)
     logger: MetricLogger | None = config["logger"] if dist.is_main else None
     if logger is not None:

@@ -46,6 +46,7 @@ def test_defaults_follow_the_experiment_and_the_repository(
     cfg, pcfg = load_platform_config(None, ["name=exp1"], base_dir=work)
     assert pcfg.ray.num_workers == 1 and pcfg.ray.max_failures == 0 and pcfg.ray.keep_checkpoints == 2
     assert pcfg.ray.run_name == "exp1"
+    assert pcfg.ray.strategy == "ddp"
     assert pcfg.ray.storage_path == str(
         work / "runs"
     )  # relative to where the command runs, like train.out_dir
@@ -80,6 +81,7 @@ def test_remote_storage_is_left_alone(tmp_path: Path) -> None:
         ("ray.max_failures=-2", "ray.max_failures=-2 is not allowed"),
         ("ray.run_name=a/b", "ray.run_name='a/b' is not allowed"),
         ("ray.use_gpu=maybe", "ray.use_gpu='maybe' is not a boolean"),
+        ("ray.strategy=zero3", "ray.strategy='zero3' is not allowed: one of ddp, fsdp"),
         ("tracking.enabled=sometimes", "tracking.enabled='sometimes' is not a boolean"),
         ("tracking.uri=just/a/dir", "tracking.uri='just/a/dir' is not allowed"),
         ("tracking.experimnt=x", "unknown key 'tracking.experimnt'"),
@@ -89,6 +91,13 @@ def test_mistakes_name_the_key(tmp_path: Path, override: str, message: str) -> N
     with pytest.raises(ConfigError) as err:
         load_platform_config(None, [override], base_dir=tmp_path)
     assert message in str(err.value)
+
+
+def test_fsdp_needs_ray_workers(tmp_path: Path) -> None:
+    _, pcfg = load_platform_config(None, ["ray.strategy=fsdp", "ray.num_workers=2"], base_dir=tmp_path)
+    assert pcfg.ray.strategy == "fsdp"
+    with pytest.raises(ConfigError, match=r"ray.strategy='fsdp' is not allowed: needs ray.num_workers >= 1"):
+        load_platform_config(None, ["ray.strategy=fsdp", "ray.num_workers=0"], base_dir=tmp_path)
 
 
 def test_unknown_top_level_section_is_still_an_error(tmp_path: Path) -> None:

@@ -348,3 +348,39 @@ def test_remote_storage_reports_to_ray_and_restart_starts_fresh(
     assert fresh.step == 8 and fresh.resumed_from_step is None and fresh.trained_steps == 8
     new = {p.name for p in (remote / "itest").glob("checkpoint_*") if p.is_dir()}
     assert new and not new & old
+
+
+def test_fsdp_two_workers_report_shards_that_ray_merges_export_weights_and_reshard_onto_one(
+    ray_cluster, make_config, tmp_path: Path
+) -> None:
+    from lm.sharding import SHARDS
+
+    remote = tmp_path / "remote"  # remote storage: every rank reports its own directory and Ray merges them
+    cfg, pcfg = make_config("ray.num_workers=2", "ray.strategy=fsdp", f"ray.storage_path={remote.as_uri()}",
+                            "train.max_steps=6", "train.checkpoint_interval=3", "train.eval_interval=3")  # fmt: skip
+    first = run_training(cfg, pcfg)
+    assert first.step == 6 and first.metrics["tokens"] == 6 * cfg.tokens_per_step * 2
+    final = first.final_checkpoint
+    assert final is not None and final.parent == remote / "itest"
+    shards = {p.name for p in (final / SHARDS).iterdir()}
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rank-00000.pt", "rank-00001.pt"} <= shards
+    model, _, _ = load_model(final)  # the gathered export, read by lm eval / generate / serve
+    assert model.lm_head.weight is model.tok_emb.weight
+
+    client = mlflow_client(pcfg.tracking.uri)
+    run = client.get_run(first.tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["ray.strategy"] == "fsdp"
+    files = _artifact_files(client, run.info.run_id)
+    assert "checkpoints/final/model.safetensors" in files
+    assert not [f for f in files if SHARDS in f or f.endswith(TRAINER)], "only weights reach MLflow"
+    local = Path(client.download_artifacts(run.info.run_id, "checkpoints/final", str(tmp_path / "dl")))
+    exported, _, _ = load_model(local)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, exported.state_dict()[name]), name
+
+    # the same command on one worker with a longer budget: Ray's merged checkpoint, resharded from 2 ranks onto 1
+    cfg1, pcfg1 = make_config("ray.num_workers=1", "ray.strategy=fsdp", f"ray.storage_path={remote.as_uri()}",
+                              "train.max_steps=8", "train.checkpoint_interval=3", "train.eval_interval=3")  # fmt: skip
+    again = run_training(cfg1, pcfg1)
+    assert again.resumed_from_step == 6 and again.step == 8 and again.trained_steps == 2
+    assert again.tracker.run_id == first.tracker.run_id

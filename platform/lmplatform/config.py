@@ -44,9 +44,18 @@ class RayConfig(Section):
     keep_checkpoints: int = 2
     max_failures: int = 0  # worker-group restarts; -1 = unlimited
     address: str | None = None  # None: RAY_ADDRESS or a running local head, else start one
+    # How Ray places the workers' bundles on nodes: PACK (as few nodes as possible), SPREAD (best effort across
+    # nodes) or STRICT_SPREAD (one worker per node; waits until that many nodes have room).
+    placement_strategy: str = field(default="PACK", metadata={"choices": ("PACK", "SPREAD", "STRICT_SPREAD")})
 
     def validate(self) -> None:
         check(self.num_workers >= 0, "ray.num_workers", self.num_workers, "must be >= 0 (0 = local mode)")
+        check(
+            self.num_workers > 0 or self.placement_strategy == "PACK",
+            "ray.placement_strategy",
+            self.placement_strategy,
+            "PACK with ray.num_workers=0 (local mode places no workers); set ray.num_workers >= 1",
+        )
         self._positive("cpus_per_worker", "gpus_per_worker", "keep_checkpoints")
         check(
             self.max_failures >= -1,

@@ -648,7 +648,9 @@ def run_sweep(
     with run_lock(sweep.path):
         # The trials' progress lines (Train workers) would bury the live table: they stay in Ray's log files.
         tracking = sweep.pcfg.tracking
-        ensure_ray(sweep.pcfg.ray, log_to_driver=False, tracking_uri=tracking.uri if tracking.enabled else None)
+        ensure_ray(
+            sweep.pcfg.ray, log_to_driver=False, tracking_uri=tracking.uri if tracking.enabled else None
+        )
         resources = _trial_resources(sweep.pcfg)
         resuming = tune.Tuner.can_restore(sweep.path)
         parent = sweep_report.open_parent(sweep, resuming) if sweep.pcfg.tracking.enabled else None

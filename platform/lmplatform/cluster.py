@@ -453,8 +453,9 @@ def job_command(
     """``lm job train|sweep``: submit, follow the logs, print the status and the job's MLflow runs; exit 0 only
     when the job SUCCEEDED."""
     plan = plan_job(verb, config, overrides, storage=storage, data_dir=data_dir)
-    for key, value in plan.client_env.items():  # before Ray reads them: the token the documented way
-        os.environ.setdefault(key, value)
+    # The recorded head wants its token, the documented way (token mode + the token file), set before Ray reads
+    # them; with RAY_ADDRESS set, the caller's own RAY_AUTH_* settings are used as they are.
+    os.environ.update(plan.client_env)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     try:

@@ -331,3 +331,35 @@ def test_working_dir_upload_stays_small() -> None:
         cluster.upload_size(REPO / "platform"),
     ]
     assert sum(sizes) < 8 * 2**20, sizes
+
+
+# The README's worked example ("Scaling out"): from 1 CPU worker on a laptop to 8 GPUs on 2 nodes, only YAML lines.
+LAPTOP: list[str] = []  # experiments/tiny.yaml as it is: ray.num_workers=1, ray.cpus_per_worker=2
+EIGHT_GPUS = [
+    "ray.num_workers=8",
+    "ray.use_gpu=true",
+    "ray.gpus_per_worker=1",
+    "ray.cpus_per_worker=4",
+    "ray.placement_strategy=PACK",
+    "ray.storage_path=s3://YOUR-BUCKET/lmlab/runs",
+    "data.cache_dir=/mnt/shared/data",
+    "train.device=cuda",
+    "train.amp=bf16",
+]
+
+
+def test_worked_example_laptop_to_eight_gpus_on_two_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmplatform.train import check_resources
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    _, laptop = load_platform_config(REPO / "experiments" / "tiny.yaml", LAPTOP)
+    assert (laptop.ray.num_workers, laptop.ray.use_gpu, laptop.ray.cpus_per_worker) == (1, False, 2)
+    cfg, big = load_platform_config(REPO / "experiments" / "tiny.yaml", EIGHT_GPUS)
+    assert (big.ray.num_workers, big.ray.use_gpu, big.ray.gpus_per_worker) == (8, True, 1)
+    assert cfg.train.device == "cuda" and not big.ray.is_local_storage
+    gpu_node = {"Alive": True, "Resources": {"CPU": 48.0, "GPU": 4.0}}  # cluster/aws.yaml's gpu node type
+    head = {"Alive": True, "Resources": {"CPU": 0.0}}
+    check_resources(big.ray, {"CPU": 96.0, "GPU": 8.0}, fixed=True)  # fits two gpu nodes exactly
+    cluster.check_cluster(big.ray, big.tracking.uri, [head, gpu_node, gpu_node], fixed=True)
+    with pytest.raises(Exception, match="needs 32 CPU, 8 GPU"):
+        check_resources(big.ray, {"CPU": 48.0, "GPU": 4.0}, fixed=True)  # one node is not enough

@@ -14,7 +14,7 @@ import httpx
 from tests.integration.conftest import TINY
 from tests.integration.servers import MlflowServer
 
-STEPS = 150
+STEPS = 80
 
 
 def _history(client, run_id: str, key: str) -> list[int]:

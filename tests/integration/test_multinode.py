@@ -28,7 +28,7 @@ from tests.integration.servers import MlflowServer
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 300
+STEPS = 150
 
 
 @pytest.fixture(scope="module")

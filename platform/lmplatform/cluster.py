@@ -45,7 +45,7 @@ CLUSTER_DIR_ENV = "LMLAB_CLUSTER_DIR"  # where `lm cluster up` records its head 
 RECORD = "head.json"
 TOKEN = "auth_token"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-# Besides git-ignored files: a clone's history (Ray uploads .git unless told not to).
+# Besides git-ignored files: a clone's history (Ray 2.60 skips .git by default; said here so every version does).
 UPLOAD_EXCLUDES = [".git"]
 _RUN_ID = re.compile(r"mlflow: (?:parent )?run ([0-9a-f]{32})")
 
@@ -167,7 +167,9 @@ def session_processes(temp_dir: str) -> list[int]:
     """The pids of every live process of the Ray session under ``temp_dir``: those whose command line names it
     (GCS, raylet, dashboard, agents, log monitor) and their descendants (workers and job drivers, which rename
     themselves). ``ps`` (Linux and macOS) instead of psutil, which Ray no longer installs."""
-    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,args="], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["ps", "-A", "-ww", "-o", "pid=,ppid=,args="], capture_output=True, text=True, check=True
+    )
     children: dict[int, list[int]] = {}
     found: set[int] = set()
     for line in out.stdout.splitlines():
@@ -461,7 +463,10 @@ def job_command(
     try:
         client = JobSubmissionClient(plan.address)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ClusterError(f"cannot reach the Ray job API at {plan.address}: {_first_line(exc)}") from None
+        hint = " (is the head still up? lm cluster status)" if plan.client_env else ""
+        raise ClusterError(
+            f"cannot reach the Ray job API at {plan.address}{hint}: {_first_line(exc)}"
+        ) from None
     job_id = client.submit_job(
         entrypoint=plan.entrypoint, runtime_env=plan.runtime_env, submission_id=plan.submission_id
     )

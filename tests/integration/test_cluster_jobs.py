@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -38,6 +39,9 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.HeadRecor
         if record is not None:
             assert cluster.session_processes(record.temp_dir) == [], "cluster_down left processes of the head"
             assert not Path(record.temp_dir).exists()
+            host, port = record.gcs_address.rsplit(":", 1)  # and, seen from outside, nothing answers there
+            with pytest.raises(OSError):
+                socket.create_connection((host, int(port)), timeout=5).close()
 
 
 def _lm_job(head: cluster.HeadRecord, tmp_path: Path, corpus_dir: Path, *extra: str) -> tuple[int, str, str]:

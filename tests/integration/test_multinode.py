@@ -40,7 +40,10 @@ def two_nodes() -> Iterator[tuple[Any, list[Any], dict[str, str]]]:
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
-        c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
+        # A node is declared dead after health_check_failure_threshold missed checks (3 s apart): on a machine this
+        # loaded, Ray's default of 5 once declared a live node dead, which spent the run's only restart.
+        head_args = {"num_cpus": 0, "_system_config": {"health_check_failure_threshold": 10}}
+        c = Cluster(initialize_head=True, connect=False, head_node_args=head_args)
         try:
             nodes = [c.add_node(num_cpus=1) for _ in range(2)]
             c.wait_for_nodes()

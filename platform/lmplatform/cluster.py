@@ -139,6 +139,11 @@ class HeadRecord:
     python: str
     ray_version: str
 
+    @property
+    def gcs_port(self) -> int:
+        """The GCS port: the cluster address's port."""
+        return int(self.gcs_address.rsplit(":", 1)[1])
+
     def env(self) -> dict[str, str]:
         """What a client of this head needs, the documented way: the address, token mode and the token file."""
         return {
@@ -163,10 +168,12 @@ def read_head(directory: Path | None = None) -> HeadRecord | None:
     return HeadRecord(**data)
 
 
-def session_processes(temp_dir: str) -> list[int]:
+def session_processes(temp_dir: str, gcs_port: int | None = None) -> list[int]:
     """The pids of every live process of the Ray session under ``temp_dir``: those whose command line names it
-    (GCS, raylet, dashboard, agents, log monitor) and their descendants (workers and job drivers, which rename
-    themselves). ``ps`` (Linux and macOS) instead of psutil, which Ray no longer installs."""
+    (GCS, raylet, dashboard, agents, log monitor) or, with ``gcs_port``, the session's GCS address (the Ray client
+    server names only that), and their descendants (workers and job drivers, which rename themselves). ``ps``
+    (Linux and macOS) instead of psutil, which Ray no longer installs."""
+    gcs = re.compile(rf"--(?:gcs-)?address=\S+:{gcs_port}(?!\d)") if gcs_port else None
     out = subprocess.run(
         ["ps", "-A", "-ww", "-o", "pid=,ppid=,args="], capture_output=True, text=True, check=True
     )
@@ -178,7 +185,7 @@ def session_processes(temp_dir: str) -> list[int]:
             continue
         pid, ppid = int(fields[0]), int(fields[1])
         children.setdefault(ppid, []).append(pid)
-        if len(fields) == 3 and temp_dir in fields[2]:
+        if len(fields) == 3 and (temp_dir in fields[2] or (gcs is not None and gcs.search(fields[2]))):
             found.add(pid)
     todo = list(found)
     while todo:
@@ -219,7 +226,7 @@ def cluster_up(
     directory.mkdir(parents=True, exist_ok=True)
     previous = read_head(directory)
     if previous is not None:
-        if session_processes(previous.temp_dir):
+        if session_processes(previous.temp_dir, previous.gcs_port):
             raise ClusterError(
                 f"a head started from here is already running at {previous.gcs_address} (dashboard "
                 f"{previous.dashboard_url}); stop it first with `make cluster-down` (lm cluster down)"
@@ -254,12 +261,12 @@ def cluster_up(
     except subprocess.TimeoutExpired:
         done = None
     if done is None or done.returncode != 0:
-        _stop(session_processes(temp_dir))
+        _stop(session_processes(temp_dir, port))
         _remove_tree(temp_dir)
         why = "timed out" if done is None else f"exit {done.returncode}"
         tail = "" if done is None else "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise ClusterError(f"ray start --head failed ({why}):\n{tail}")
-    pids = session_processes(temp_dir)
+    pids = session_processes(temp_dir, port)
     record = HeadRecord(
         gcs_address=f"{_url_host(host)}:{port}",
         dashboard_url=f"http://{_url_host(host)}:{dashboard_port}",
@@ -292,7 +299,7 @@ def cluster_down(directory: Path | None = None, print_fn: Callable[..., None] = 
     if record is None:
         print_fn(f"no head recorded in {directory / RECORD}: nothing to stop")
         return 0
-    stopped = _stop(session_processes(record.temp_dir))
+    stopped = _stop(session_processes(record.temp_dir, record.gcs_port))
     _forget(directory, record)
     print_fn(
         f"stopped the Ray head at {record.gcs_address}: {stopped} processes of session {record.temp_dir}"
@@ -704,7 +711,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if record is None:
         print(f"no head recorded in {cluster_dir() / RECORD}")
         return 1
-    alive = session_processes(record.temp_dir)
+    alive = session_processes(record.temp_dir, record.gcs_port)
     state = f"running ({len(alive)} processes)" if alive else "not running (stale record)"
     print(f"Ray head at {record.gcs_address}, dashboard {record.dashboard_url}: {state}")
     return 0 if alive else 1

@@ -27,21 +27,27 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.HeadRecord]:
     directory = tmp_path_factory.mktemp("cluster")
-    record = None
+    record, ports = None, []
     try:
+        ports = [free_port() for _ in range(4)]
         record = cluster.cluster_up(
-            directory, port=free_port(), dashboard_port=free_port(), client_port=free_port(),
-            agent_port=free_port(), num_cpus=2,
-        )  # fmt: skip
+            directory,
+            port=ports[0],
+            dashboard_port=ports[1],
+            client_port=ports[2],
+            agent_port=ports[3],
+            num_cpus=2,
+        )
         yield record
     finally:
         cluster.cluster_down(directory)
         if record is not None:
-            assert cluster.session_processes(record.temp_dir) == [], "cluster_down left processes of the head"
+            left = cluster.session_processes(record.temp_dir, record.gcs_port)
+            assert left == [], f"cluster_down left processes of the head: {left}"
             assert not Path(record.temp_dir).exists()
-            host, port = record.gcs_address.rsplit(":", 1)  # and, seen from outside, nothing answers there
-            with pytest.raises(OSError):
-                socket.create_connection((host, int(port)), timeout=5).close()
+            for port in ports:  # and, seen from outside, nothing answers on any of the head's ports
+                with pytest.raises(OSError):
+                    socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 def _lm_job(head: cluster.HeadRecord, tmp_path: Path, corpus_dir: Path, *extra: str) -> tuple[int, str, str]:

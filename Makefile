@@ -8,7 +8,7 @@ EXP     ?= experiments/tiny.yaml
 ARGS    ?=
 export THP_MEM_ALLOC_ENABLE ?= 1
 
-.PHONY: setup browser train train-local sweep scaling eval generate data config bench bench-serve test test-fast lint format mlflow-ui job serve serve-stop clean
+.PHONY: setup browser train train-local sweep scaling eval generate data config bench bench-serve test test-fast lint format mlflow-ui job job-sweep cluster-up cluster-down mlflow-server serve serve-stop clean
 
 setup: $(VENV)/.installed ## create .venv and install lmlab with its dev tools
 
@@ -61,17 +61,24 @@ serve-stop: setup ## stop a server started with make serve (runs/serve.pid)
 mlflow-ui: setup ## browse runs, metrics and artifacts at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
 
-# `make job`: the cluster's Python needs lmlab's dependencies (a container image, or `pip install -e .` on each
-# node); the code itself travels with the job (working_dir for experiments/, py_modules for lm and lmplatform).
-# Runs and the MLflow store default to this checkout, which is right for a cluster on this machine; for a remote
-# one set JOB_STORAGE (e.g. s3://bucket/runs), MLFLOW_TRACKING_URI (a tracking server) and JOB_DATA (a token cache
-# directory every node can read; the default is this checkout's data/, not the job's temporary working directory).
-JOB_STORAGE ?= $(CURDIR)/runs
-JOB_DATA ?= $(CURDIR)/data
-JOB_TRACKING ?= $(if $(MLFLOW_TRACKING_URI),tracking.uri=$(MLFLOW_TRACKING_URI),tracking.uri=sqlite:///$(CURDIR)/mlflow.db tracking.artifact_location=$(CURDIR)/mlartifacts)
-job: setup ## submit `lm train EXP` to the Ray cluster at RAY_ADDRESS (ray job submit)
-	$(BIN)/ray job submit --working-dir . --runtime-env-json '{"py_modules": ["lm", "platform/lmplatform"]}' \
-		-- python -m lmplatform train $(EXP) ray.storage_path=$(JOB_STORAGE) data.cache_dir=$(JOB_DATA) $(JOB_TRACKING) $(ARGS)
+# Past one machine (README "Scaling out"; lmplatform/cluster.py). `make cluster-up` starts a Ray head here with token
+# auth and records it in runs/cluster/; `make job` / `make job-sweep` find it (RAY_ADDRESS overrides), upload the
+# checkout less git-ignored files, follow the logs and print the MLflow run; `make cluster-down` stops that head only.
+# Options go in ARGS: make cluster-up ARGS='--num-cpus 2'; make job ARGS='--storage s3://bucket/runs ray.num_workers=2'.
+cluster-up: setup ## start a local Ray head (token auth, this venv on its PATH); prints dashboard and job addresses
+	$(BIN)/lm cluster up $(ARGS)
+
+cluster-down: setup ## stop the head make cluster-up started (only its processes; never `ray stop`)
+	$(BIN)/lm cluster down
+
+job: setup ## submit `lm train EXP` as a Ray job to the head of make cluster-up (or RAY_ADDRESS); follows its logs
+	$(BIN)/lm job train $(EXP) $(ARGS)
+
+job-sweep: setup ## submit `lm sweep SWEEP` as a Ray job, like make job
+	$(BIN)/lm job sweep $(SWEEP) $(ARGS)
+
+mlflow-server: setup ## a shared MLflow tracking server on 127.0.0.1:5000 (ARGS='--host 0.0.0.0' for a cluster)
+	$(BIN)/lm mlflow-server $(ARGS)
 
 bench: setup ## throughput, generation, MFU and serving-load benchmarks (tables; bench/results/*.json); ARGS='--only train' for one
 	$(BIN)/python -m bench.run $(ARGS)

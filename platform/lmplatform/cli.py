@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(handler=cmd_sweep)
     _add_serve_parsers(sub)
+    from lmplatform.cluster import add_parsers as add_cluster_parsers  # cluster, job, mlflow-server
+
+    add_cluster_parsers(sub)
     return parser
 
 

@@ -47,9 +47,18 @@ class RayConfig(Section):
     # ddp: every worker holds the whole model and optimizer (DistributedDataParallel); fsdp: parameters,
     # gradients and optimizer state sharded over the workers (FSDP2 fully_shard, sharded DCP checkpoints)
     strategy: str = field(default="ddp", metadata={"choices": ("ddp", "fsdp")})
+    # How Ray places the workers' bundles on nodes: PACK (as few nodes as possible), SPREAD (best effort across
+    # nodes) or STRICT_SPREAD (one worker per node; waits until that many nodes have room).
+    placement_strategy: str = field(default="PACK", metadata={"choices": ("PACK", "SPREAD", "STRICT_SPREAD")})
 
     def validate(self) -> None:
         check(self.num_workers >= 0, "ray.num_workers", self.num_workers, "must be >= 0 (0 = local mode)")
+        check(
+            self.num_workers > 0 or self.placement_strategy == "PACK",
+            "ray.placement_strategy",
+            self.placement_strategy,
+            "PACK with ray.num_workers=0 (local mode places no workers); set ray.num_workers >= 1",
+        )
         self._positive("cpus_per_worker", "gpus_per_worker", "keep_checkpoints")
         check(
             self.max_failures >= -1,

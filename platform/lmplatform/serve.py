@@ -1014,6 +1014,37 @@ def build_app(settings: ServerSettings) -> serve.Application:
     return deployment.bind(settings)
 
 
+APP_BUILDER_ARGS = ("config", "overrides", "model")
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """The Serve application for ``import_path: lmplatform.serve:app_builder`` (a KubeRay RayService, ``serve run``
+    with a config file): ``args`` may name ``config`` (an experiment YAML with a ``serve:`` section),
+    ``overrides`` (dotted, e.g. ``serve.replicas=2``) and ``model``; the MLflow store is $MLFLOW_TRACKING_URI.
+    HTTP host and port belong to the Serve config's ``http_options``, not to ``serve.host``/``serve.port``."""
+    from lm.config import ConfigError
+    from lmplatform.config import load_platform_config
+
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(APP_BUILDER_ARGS))
+    if unknown:
+        raise ConfigError(f"app_builder args {unknown} are not allowed: use {', '.join(APP_BUILDER_ARGS)}")
+    overrides = args.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(
+            f"app_builder args.overrides={overrides!r} is not allowed: a list of KEY=VALUE strings"
+        )
+    _, pcfg = load_platform_config(args.get("config"), overrides)
+    scfg = (
+        pcfg.serve if args.get("model") is None else dataclasses.replace(pcfg.serve, model=str(args["model"]))
+    )
+    tr = pcfg.tracking
+    settings = ServerSettings(
+        scfg, model_ref(scfg.model), tr.uri or "", tr.experiment or "", resolve_api_key(scfg)
+    )
+    return build_app(settings)
+
+
 def resolve_api_key(cfg: ServeConfig) -> str | None:
     """``serve.api_key``, else ``$LMLAB_API_KEY``, else None (no auth)."""
     key = cfg.api_key or os.environ.get(API_KEY_ENV) or None

@@ -55,6 +55,8 @@ BEST_ARTIFACT_TAG = "lmlab.best_artifact"  # the run's artifact path holding its
 BEST_SHA_TAG = "lmlab.best_sha256"
 WEIGHTS_SHA_TAG = "lmlab.weights_sha256"  # on model versions
 LOSS_CURVE = "loss_curve.png"
+JOB_TAG = "lmlab.ray_job"  # the Ray job submission id of a run `lm job` submitted
+JOB_ENV = "LMLAB_RAY_JOB"  # ...which `lm job` hands to the job in this environment variable
 _PARAM_LIMIT = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow 3
 _TAG_LIMIT = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 _BATCH_LIMIT = 100  # params/tags per log_batch call
@@ -929,6 +931,8 @@ def _system_tags(cfg: ExperimentConfig, pcfg: PlatformConfig, run_dir: str, laun
         "version.ray": _version("ray"),
         "version.mlflow": _version("mlflow"),
         "mlflow.source.name": "lm train",
+        # `lm job` sets it, so it can find the job's runs (a failed one too) in MLflow afterwards
+        **({JOB_TAG: job} if (job := os.environ.get(JOB_ENV)) else {}),
     }
 
 

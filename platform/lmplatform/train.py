@@ -204,9 +204,10 @@ class _StopPoller:
 # Driver
 
 
-def ensure_ray(rc: RayConfig, log_to_driver: bool = True) -> None:
+def ensure_ray(rc: RayConfig, log_to_driver: bool = True, tracking_uri: str | None = None) -> None:
     """Connect to ``ray.address`` / RAY_ADDRESS / a running local head, else start a quiet local Ray; then check
-    the cluster can hold the worker group, since Ray Train otherwise waits for resources without a word.
+    the cluster can hold the worker group, since Ray Train otherwise waits for resources without a word, and
+    (``tracking_uri``) that a cluster of several nodes tracks to a server, not to one node's file.
     ``log_to_driver=False`` (sweeps: a live table instead) leaves the workers' output in Ray's log files."""
     import ray
 
@@ -240,6 +241,9 @@ def ensure_ray(rc: RayConfig, log_to_driver: bool = True) -> None:
     if started_here:
         os.environ.setdefault(_PREEMPTION_ENV, "0")
     check_resources(rc, ray.cluster_resources(), fixed=started_here)
+    from lmplatform.cluster import check_cluster  # imports this module
+
+    check_cluster(rc, tracking_uri, [n for n in ray.nodes() if n.get("Alive")], fixed=started_here)
 
 
 def normal_worker_priority() -> None:
@@ -319,6 +323,8 @@ def run_training(
     """
     started_at = started_at if started_at is not None else time.time()
     stop = stop or StopRequest()
+    from lmplatform.cluster import local_tracking_node
+
     rc = pcfg.ray
     root = worker_dir(rc)
     with run_lock(root):
@@ -355,6 +361,8 @@ def run_training(
                 "started_at": started_at,
                 "stop": None if rc.num_workers == 0 else stop.worker_handle(),
                 "report": report,
+                # a local MLflow store is only this node's: rank 0 must log from here (autoscaled clusters)
+                "tracking_node": local_tracking_node(pcfg.tracking) if rc.num_workers > 0 else None,
             }
             try:
                 result = _fit(build_trainer(rc, loop_config))
@@ -483,7 +491,10 @@ def build_trainer(rc: RayConfig, loop_config: dict[str, Any]) -> Any:
         _train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources
+            num_workers=rc.num_workers,
+            use_gpu=rc.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=rc.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=rc.run_name,
@@ -523,7 +534,7 @@ def _start_ray_and_tracking(
         )  # fmt: skip
         try:
             if rc.num_workers > 0:  # local mode runs in this process and needs no cluster (saves seconds)
-                ensure_ray(rc)
+                ensure_ray(rc, tracking_uri=pcfg.tracking.uri if pcfg.tracking.enabled else None)
         except BaseException as exc:
             tracker = opening.result()
             if tracker is not None:
@@ -737,6 +748,10 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         dist = ray_distributed_context(config.get("strategy", "ddp"), cfg.train.amp, own_root)
     _worker_logging(config["local_mode"], dist.rank)
     logger: MetricLogger | None = config["logger"] if dist.is_main else None
+    if logger is not None:
+        from lmplatform.cluster import check_tracking_node
+
+        check_tracking_node(config.get("tracking_node"), logger.uri)
     if logger is not None:
         logger.warm_up()
     hooks = RayHooks(

@@ -647,7 +647,10 @@ def run_sweep(
     Path(sweep.path).mkdir(parents=True, exist_ok=True)
     with run_lock(sweep.path):
         # The trials' progress lines (Train workers) would bury the live table: they stay in Ray's log files.
-        ensure_ray(sweep.pcfg.ray, log_to_driver=False)
+        tracking = sweep.pcfg.tracking
+        ensure_ray(
+            sweep.pcfg.ray, log_to_driver=False, tracking_uri=tracking.uri if tracking.enabled else None
+        )
         resources = _trial_resources(sweep.pcfg)
         resuming = tune.Tuner.can_restore(sweep.path)
         parent = sweep_report.open_parent(sweep, resuming) if sweep.pcfg.tracking.enabled else None

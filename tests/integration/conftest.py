@@ -156,3 +156,15 @@ def cmdline(pid: int) -> str:
 def nice_of(pid: int) -> int:
     """A process's nice value, from /proc."""
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real ``mlflow server`` process (as ``lm mlflow-server`` runs it) on 127.0.0.1 for the session: it costs
+    10-30 s to start. It allows the extra Host name ``mlflow.lmlab.svc``; a test may kill and restart it."""
+    from tests.integration.servers import running_mlflow_server
+
+    with running_mlflow_server(
+        tmp_path_factory.mktemp("mlflow-server"), free_port(), ("mlflow.lmlab.svc",)
+    ) as s:
+        yield s

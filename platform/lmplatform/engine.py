@@ -132,8 +132,8 @@ class RequestStream:
 
     ``interval`` (seconds, 0 = off: one Delta per decode step) paces the stream: after a Delta, the next one waits
     until ``interval`` has passed (the end of the request does not wait), and every Delta that arrived meanwhile
-    comes as one. The first Delta is never delayed. A consumer that streams to a client then handles a few events per second per
-    request instead of one per decode step.
+    comes as one. The first Delta is never delayed. A consumer that streams to a client then handles a few
+    events per second per request instead of one per decode step.
     """
 
     def __init__(

@@ -120,6 +120,15 @@ def register_random_model(
     return tracker, best
 
 
+@pytest.fixture(scope="module")
+def http(server: str) -> Iterator[Any]:
+    """An httpx client on the module's ``server`` fixture (a Serve app's base URL)."""
+    import httpx
+
+    with httpx.Client(base_url=server, timeout=60) as client:
+        yield client
+
+
 def free_port() -> int:
     """A TCP port nothing listens on at 127.0.0.1 right now (servers under test never assume 8000 is free)."""
     import socket

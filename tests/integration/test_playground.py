@@ -74,12 +74,6 @@ def server(ray_cluster: None, registered: dict[str, Any]) -> Iterator[str]:
         serve.shutdown()
 
 
-@pytest.fixture(scope="module")
-def http(server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server, timeout=60) as client:
-        yield client
-
-
 def _chromium() -> tuple[str, str]:
     """Chromium and chromedriver from the PATH; a machine without them fails (never skips), saying what to install."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

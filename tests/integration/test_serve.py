@@ -97,12 +97,6 @@ def server(ray_cluster: None, trained: dict[str, Any]) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def http(server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def oai(server: str) -> openai.OpenAI:
     # no auth on the main app, but the client insists on a key; retries off so every status is seen
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)

@@ -561,8 +561,8 @@ def _train_step(run: _Run, lr: float) -> tuple[torch.Tensor, float | None]:
             else run.wrapped.no_sync()
         )
         with sync:
-            with run.autocast:
-                _, loss = run.wrapped(x, y)
+            with run.autocast:  # need_logits=False: the loss without the (B, T, V) logits (LinearCrossEntropy)
+                _, loss = run.wrapped(x, y, need_logits=False)
             run.scaler.scale(loss / tc.grad_accum_steps).backward()
         step_loss += loss.detach() / tc.grad_accum_steps
     grad_norm = None
@@ -749,7 +749,7 @@ def _warm_up_compiled(run: _Run) -> None:
     t0 = time.perf_counter()
     x, y = run.sampler.next_batch()
     with run.autocast:
-        _, loss = run.wrapped(x.to(run.device), y.to(run.device))
+        _, loss = run.wrapped(x.to(run.device), y.to(run.device), need_logits=False)
     loss.backward()
     run.optimizer.zero_grad(set_to_none=True)
     run.sampler.load_state_dict(sampler_state)

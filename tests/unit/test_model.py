@@ -111,6 +111,53 @@ def test_weight_tying_shares_one_parameter_and_sums_both_gradients() -> None:
     assert untied.num_parameters() - tied.num_parameters() == embedding  # tied weight counted once
 
 
+def grads(model: TransformerLM) -> dict[str, torch.Tensor]:
+    out = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+@pytest.mark.parametrize("chunk_rows", [None, 7])  # one chunk; 7 rows, which does not divide B*T = 64
+def test_training_loss_path_equals_plain_cross_entropy_in_loss_and_gradients(
+    monkeypatch: pytest.MonkeyPatch, tie_weights: bool, chunk_rows: int | None
+) -> None:
+    """need_logits=False (LinearCrossEntropy, the training step's path) is the plain path up to fp32 rounding."""
+    if chunk_rows is not None:
+        monkeypatch.setitem(lm.model._CE_CHUNK_LOGITS, "cpu", chunk_rows * TINY.vocab_size)
+    model = make(tie_weights=tie_weights, gradient_checkpointing=chunk_rows is not None).train()
+    idx, targets = tokens(2, 32), tokens(2, 32, seed=2)
+    targets[0, :5] = -100  # ignored positions count in neither the mean nor the gradients
+    _, plain = model(idx, targets)
+    plain.backward()
+    expected = grads(model)
+    logits, fused = model(idx, targets, need_logits=False)
+    assert logits is None
+    (3.0 * fused).backward()  # a scaled loss (gradient accumulation, GradScaler) scales the gradients
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
+    for name, g in grads(model).items():
+        assert expected[name].abs().sum() > 0, name
+        torch.testing.assert_close(g, 3.0 * expected[name], atol=1e-7, rtol=1e-5, msg=name)
+
+
+def test_training_loss_path_without_grad_and_under_bf16_autocast() -> None:
+    model = make()
+    idx, targets = tokens(2, 32), tokens(2, 32, seed=2)
+    with torch.no_grad():  # evaluation: the loss only, no gradient work
+        torch.testing.assert_close(model(idx, targets, need_logits=False)[1], model(idx, targets)[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # matmuls in bf16 as in nn.Linear, softmax in fp32
+        _, plain = model(idx, targets)
+        plain.backward()
+        expected = grads(model)
+        _, fused = model(idx, targets, need_logits=False)
+        fused.backward()
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, atol=1e-3, rtol=1e-3)
+    for name, g in grads(model).items():
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g, expected[name], atol=1e-3, rtol=0.05, msg=name)
+
+
 def test_tiny_preset_has_exactly_658944_parameters() -> None:
     model = TransformerLM(ModelConfig())
     assert model.num_parameters() == 658_944

@@ -561,7 +561,7 @@ def _train_step(run: _Run, lr: float) -> tuple[torch.Tensor, float | None]:
             else run.wrapped.no_sync()
         )
         with sync:
-            with run.autocast:  # need_logits=False: the loss without the (B, T, V) logits (LinearCrossEntropy)
+            with run.autocast:  # need_logits=False: no (B, T, V) logits (LinearCrossEntropy)
                 _, loss = run.wrapped(x, y, need_logits=False)
             run.scaler.scale(loss / tc.grad_accum_steps).backward()
         step_loss += loss.detach() / tc.grad_accum_steps

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from lm.config import ModelConfig
 from lm.generate import generate
@@ -41,7 +43,7 @@ def sync(device: torch.device) -> None:
 
 
 def gpt2_like(cfg: ModelConfig) -> torch.nn.Module:
-    """transformers' GPT2LMHeadModel at the same shape (learned positions, no dropout, tied embeddings)."""
+    """transformers' GPT2LMHeadModel at the same shape (learned positions, no dropout, tied embeddings, SDPA)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     hf = GPT2Config(
@@ -49,12 +51,18 @@ def gpt2_like(cfg: ModelConfig) -> torch.nn.Module:
         n_head=cfg.n_head, n_inner=cfg.mlp_hidden, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         tie_word_embeddings=True,
     )  # fmt: skip
+    hf._attn_implementation = "sdpa"  # its fastest attention here (transformers 5 picks it too)
     return GPT2LMHeadModel(hf)
 
 
 def train_step_fn(model: torch.nn.Module, batch: int, block: int, vocab: int, device: torch.device, amp: str | None,
-                  hf: bool) -> Callable[[], None]:  # fmt: skip
-    """One forward + backward + AdamW step on a fixed random batch."""
+                  kind: str) -> Callable[[], None]:  # fmt: skip
+    """One forward + backward + AdamW step on a fixed random batch.
+
+    ``kind``: ``lm`` (our training step: the loss without logits), ``lm-logits`` (logits, then F.cross_entropy),
+    ``gpt2`` (transformers at its best: SDPA attention, one F.cross_entropy on its logits), ``gpt2-labels``
+    (its own loss via ``labels=``, which shifts and copies the logits), ``nanogpt`` (nanoGPT's ``model(x, y)``).
+    """
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
     g = torch.Generator().manual_seed(0)
@@ -64,10 +72,18 @@ def train_step_fn(model: torch.nn.Module, batch: int, block: int, vocab: int, de
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
+    def loss() -> torch.Tensor:
+        if kind == "gpt2":
+            logits = model(input_ids=x).logits
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        if kind == "gpt2-labels":
+            return model(input_ids=x, labels=x).loss
+        return model(x, y, need_logits=kind == "lm-logits")[1] if kind.startswith("lm") else model(x, y)[1]
+
     def step() -> None:
         with ctx():
-            loss = model(input_ids=x, labels=x).loss if hf else model(x, y)[1]
-        scaler.scale(loss).backward()
+            value = loss()
+        scaler.scale(value).backward()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -85,31 +101,60 @@ def time_steps(step: Callable[[], None], n: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def bench_train(device: torch.device, amp: str | None, rounds: int, steps: int, compile_: bool) -> list[dict]:
-    """Tokens/s of TransformerLM vs GPT2LMHeadModel, alternating, per shape."""
+def nanogpt_model(cfg: ModelConfig, checkout: Path) -> torch.nn.Module:
+    """nanoGPT's GPT (``model.py`` of a checkout of github.com/karpathy/nanoGPT) at the same shape."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model", checkout / "model.py")
+    if spec is None or not (checkout / "model.py").is_file():
+        raise SystemExit(f"--nanogpt {checkout}: no model.py there (give a checkout of karpathy/nanoGPT)")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    conf = module.GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=True)  # fmt: skip
+    return module.GPT(conf)
+
+
+def bench_train(device: torch.device, amp: str | None, rounds: int, steps: int, compile_: bool,
+                nanogpt: Path | None = None) -> list[dict]:  # fmt: skip
+    """Tokens/s of our training step against GPT2LMHeadModel's (and nanoGPT's), per shape.
+
+    The models take turns, a few steps each, in an order that rotates every round; a ratio is taken within each
+    round (neighbours in time share the VM's speed of that moment), and the median round's ratio is reported
+    with the range. ``compile_`` compiles every model, each warmed up (compiled) before any clock starts.
+    """
     rows = []
     for name, (over, batch, block) in TRAIN_SHAPES.items():
         cfg = ModelConfig(vocab_size=2048, block_size=block, **over)
-        torch.manual_seed(0)
-        ours_model = TransformerLM(cfg)
-        if compile_:
-            ours_model = torch.compile(ours_model)
-        ours = train_step_fn(ours_model, batch, block, cfg.vocab_size, device, amp, hf=False)
-        theirs = train_step_fn(gpt2_like(cfg), batch, block, cfg.vocab_size, device, amp, hf=True)
-        for fn in (ours, theirs):  # warm up allocators, kernels, compilation
-            time_steps(fn, 3, device)
-        t_ours, t_theirs = [], []
-        for _ in range(rounds):
-            t_ours.append(time_steps(ours, steps, device))
-            t_theirs.append(time_steps(theirs, steps, device))
+        kinds = ["lm", "lm-logits", "gpt2", "gpt2-labels"] + (["nanogpt"] if nanogpt is not None else [])
+        fns, warm_s = {}, {}
+        for kind in kinds:
+            torch.manual_seed(0)
+            if kind.startswith("lm"):
+                model = TransformerLM(cfg)
+            else:
+                model = gpt2_like(cfg) if kind.startswith("gpt2") else nanogpt_model(cfg, nanogpt)
+            t0 = time.perf_counter()
+            fns[kind] = train_step_fn(torch.compile(model) if compile_ else model, batch, block, cfg.vocab_size,
+                                      device, amp, kind)  # fmt: skip
+            time_steps(fns[kind], 3, device)  # warm up allocators, kernels, compilation
+            warm_s[kind] = time.perf_counter() - t0
+        times: dict[str, list[float]] = {kind: [] for kind in fns}
+        order = list(fns)
+        for r in range(rounds):
+            for kind in order[r % len(order) :] + order[: r % len(order)]:
+                times[kind].append(time_steps(fns[kind], steps, device))
         tokens = batch * block
-        ours_tps, theirs_tps = tokens / statistics.median(t_ours), tokens / statistics.median(t_theirs)
         flops = training_flops_per_token(cfg, block)
-        rows.append({
-            "shape": name, "batch": batch, "block": block, "params": TransformerLM(cfg).num_parameters(),
-            "ours_tokens_per_s": ours_tps, "gpt2_tokens_per_s": theirs_tps, "ratio": ours_tps / theirs_tps,
-            "ours_gflops": ours_tps * flops / 1e9, "flops_per_token": flops,
-        })  # fmt: skip
+        row = {"shape": name, "batch": batch, "block": block, "params": TransformerLM(cfg).num_parameters(),
+               "flops_per_token": flops, "warmup_s": warm_s}  # fmt: skip
+        for kind, ts in times.items():
+            key = kind.replace("-", "_")
+            row[f"{key}_tokens_per_s"] = tokens / statistics.median(ts)
+            ratios = sorted(t_gpt2 / t for t, t_gpt2 in zip(ts, times["gpt2"]))
+            row[f"{key}_ratio"] = statistics.median(ratios)
+            row[f"{key}_ratio_range"] = (ratios[0], ratios[-1])
+        row["ours_tokens_per_s"], row["gpt2_tokens_per_s"] = row["lm_tokens_per_s"], row["gpt2_tokens_per_s"]
+        row["ratio"], row["ours_gflops"] = row["lm_ratio"], row["lm_tokens_per_s"] * flops / 1e9
+        rows.append(row)
     return rows
 
 
@@ -202,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=9, help="turns per model in the training benchmark")
+    parser.add_argument("--steps", type=int, default=4, help="training steps per turn")
+    parser.add_argument(
+        "--nanogpt", type=Path, default=None,
+        help="a checkout of github.com/karpathy/nanoGPT: its model.py joins the training benchmark",
+    )  # fmt: skip
     parser.add_argument("--name", default=None, help="results file name (default: from device and options)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -221,14 +270,28 @@ def main(argv: list[str] | None = None) -> int:
         results["matmul_peak_gflops"] = bench_matmul_peak(device)
         print(f"fp32 matmul peak: {results['matmul_peak_gflops']:.0f} GFLOP/s")
     if "train" in only:
-        rows = bench_train(device, args.amp, args.rounds, args.steps, args.compile)
+        rows = bench_train(device, args.amp, args.rounds, args.steps, args.compile, args.nanogpt)
         for r in rows:
             r["mfu"] = r["ours_gflops"] / results["matmul_peak_gflops"]
+            r["gpt2_mfu"] = (
+                r["gpt2_tokens_per_s"] * r["flops_per_token"] / 1e9 / results["matmul_peak_gflops"]
+            )
         results["train"] = rows
-        print_table("training throughput (forward + backward + AdamW), alternating in one process", rows, [
-            ("shape", ""), ("batch", "d"), ("block", "d"), ("params", ","), ("ours_tokens_per_s", ",.0f"),
-            ("gpt2_tokens_per_s", ",.0f"), ("ratio", ".2f"), ("ours_gflops", ".1f"), ("mfu", ".1%"),
-        ])  # fmt: skip
+        kinds = [k for k in ("lm", "lm_logits", "gpt2_labels", "nanogpt") if f"{k}_ratio" in rows[0]]
+        for r in rows:
+            for k in kinds:
+                low, high = r[f"{k}_ratio_range"]
+                r[f"{k}_vs_gpt2"] = f"{r[f'{k}_ratio']:.2f}x ({low:.2f}-{high:.2f})"
+        print_table(
+            "training throughput (forward + backward + AdamW), models taking turns in one process; ratios to "
+            "transformers' GPT-2 (SDPA, one cross_entropy on its logits): median round (range)",
+            rows,
+            [("shape", ""), ("batch", "d"), ("block", "d"), ("params", ","), ("ours_tokens_per_s", ",.0f"),
+             ("gpt2_tokens_per_s", ",.0f")] + [(f"{k}_vs_gpt2", "") for k in kinds]
+            + [("mfu", ".1%"), ("gpt2_mfu", ".1%")],
+        )  # fmt: skip
+        print("lm: our training step (LinearCrossEntropy, no logits); lm_logits: logits then F.cross_entropy; "
+              "gpt2_labels: GPT-2's own loss via labels=")  # fmt: skip
     if "generate" in only:
         rows = bench_generate(device)
         results["generate"] = rows

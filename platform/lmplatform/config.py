@@ -159,6 +159,10 @@ class ServeConfig(Section):
     num_cpus: float = 1.0  # Ray CPUs reserved per replica
     threads: int | None = None  # torch threads per replica; None: max(1, int(num_cpus))
     batching: str = field(default="continuous", metadata={"choices": ("none", "static", "continuous")})
+    # direct: the replica serves HTTP itself (Ray Serve's direct ingress), one hop less for every request and
+    # stream chunk; proxy: Serve's HTTP proxy in front; auto: direct when lm serve starts its own Ray with one
+    # replica, else proxy. See README "Serving under load".
+    ingress: str = field(default="auto", metadata={"choices": ("auto", "proxy", "direct")})
     max_batch_size: int = 16  # rows decoded together per replica
     batch_wait_timeout_s: float = 0.01  # static batching: how long a batch waits to fill
     max_prompt_tokens: int | None = None  # None: the model's block_size
@@ -207,6 +211,13 @@ class ServeConfig(Section):
         check(self.route_prefix.startswith("/"), "serve.route_prefix", self.route_prefix, "must start with /")
         check_name(self.app_name, "serve.app_name")
         check(self.startup_timeout_s > 0, "serve.startup_timeout_s", self.startup_timeout_s, "must be > 0")
+        check(
+            self.ingress != "direct" or self.replicas == 1,
+            "serve.ingress",
+            self.ingress,
+            f"direct needs serve.replicas=1 (got {self.replicas}): each replica would listen on a port of its own; "
+            "use serve.ingress=proxy (or auto) for several replicas",
+        )
         rows = self.max_request_rows()
         check(
             rows is None or self.max_n <= rows,

@@ -1126,6 +1126,7 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
     cfg = settings.serve
     where = ray_address or os.environ.get("RAY_ADDRESS")
     own_cluster = not where or where == "local"
+    direct = use_direct_ingress(cfg, own_cluster)
     pid_file = Path(cfg.pid_file)
     check_pid_file(pid_file)
     if own_cluster:
@@ -1147,6 +1148,8 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
         if not stop.event.is_set():
             if own_cluster:  # the replica and the proxy at the server's priority, not Ray's nice 15
                 normal_worker_priority()
+            if direct:  # read by Serve's controller and replica processes, which this ray.init starts
+                os.environ.update(direct_ingress_env(cfg.port))
             try:
                 ray.init(
                     address=where or "local",
@@ -1161,7 +1164,7 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
             _on_signals(stop)  # again: ray.init installs its own SIGTERM handler
         if not stop.event.is_set():
             check_resources(cfg, ray.cluster_resources())
-            host, port = _start_serve(cfg, own_cluster, where, print_fn)
+            host, port = _start_serve(cfg, own_cluster, where, print_fn, direct)
             serve_up = True
             print_fn(
                 f"lm serve: starting {cfg.replicas} replica(s) of {name} (serve.startup_timeout_s="
@@ -1186,9 +1189,10 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
             key_from = "serve.api_key in the config" if cfg.api_key else f"${API_KEY_ENV}"
             auth = f' -H "Authorization: Bearer {"<serve.api_key>" if cfg.api_key else "$" + API_KEY_ENV}"'
         auth_on = f", bearer auth on (key: {key_from})" if key_from else ""
+        ingress = "direct ingress (the replica serves HTTP)" if direct else "Serve's HTTP proxy"
         print_fn(
-            f"  {cfg.batching} batching ({batch}), {cfg.replicas} replica(s){auth_on}; Ctrl-C or `lm serve --stop` "
-            "stops it",
+            f"  {cfg.batching} batching ({batch}), {cfg.replicas} replica(s), {ingress}{auth_on}; Ctrl-C or "
+            "`lm serve --stop` stops it",
             flush=True,
         )
         print_fn(f"  playground: open {url}/ in a browser", flush=True)
@@ -1230,16 +1234,51 @@ def check_resources(cfg: ServeConfig, resources: dict[str, float]) -> None:
         )
 
 
-def _start_serve(cfg: ServeConfig, own_cluster: bool, where: str | None, print_fn: Any) -> tuple[str, int]:
+def use_direct_ingress(cfg: ServeConfig, own_cluster: bool) -> bool:
+    """Whether the replica serves HTTP itself (``serve.ingress``); direct needs a Ray this command starts, since
+    Serve reads the switch from the environment of the processes the cluster starts."""
+    if cfg.ingress == "direct" and not own_cluster:
+        raise ServeError(
+            "serve.ingress=direct needs lm serve's own Ray (Serve's direct ingress is switched on in the "
+            "environment of the cluster's processes): drop ray.address/RAY_ADDRESS, or use serve.ingress=proxy"
+        )
+    return cfg.ingress == "direct" or (cfg.ingress == "auto" and own_cluster and cfg.replicas == 1)
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Ray Serve 2.60's direct ingress (experimental): the ingress replica runs its own HTTP server on a port
+    from the range [MIN, MAX), here only ``port``. No load balancer sits in front to deregister a replica from,
+    so a replica drains for 0 s on shutdown instead of 30, and a restarted one takes the port back at once
+    instead of after a quarantine meant for HAProxy."""
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
+
+
+def free_port(host: str) -> int:
+    """A TCP port nobody listens on at ``host`` now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _start_serve(
+    cfg: ServeConfig, own_cluster: bool, where: str | None, print_fn: Any, direct: bool = False
+) -> tuple[str, int]:
     """Start Serve on serve.host:port; on a cluster where it already runs, refuse a taken app name or route
-    prefix and return where its proxy really listens (Serve's HTTP options are fixed when it first starts)."""
+    prefix and return where its proxy really listens (Serve's HTTP options are fixed when it first starts).
+    With direct ingress the replica takes serve.port and Serve's proxy, which Serve still starts, another."""
     from ray.serve.context import _get_global_client
 
     client = None if own_cluster else _get_global_client(raise_if_no_controller_running=False)
     if client is None:
         if not own_cluster:
             check_port_free(cfg.host, cfg.port)
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.start(http_options={"host": cfg.host, "port": free_port(cfg.host) if direct else cfg.port})
         return cfg.host, cfg.port
     apps = client.get_serve_details().get("applications") or {}
     if cfg.app_name in apps:

@@ -22,7 +22,7 @@ from lmplatform.config import load_platform_config
 from lm.checkpoint import save_checkpoint
 from lm.model import TransformerLM
 from lm.tokenizer import train_tokenizer
-from tests.integration.conftest import TINY, cmdline, descendants, free_port, nice_of
+from tests.integration.conftest import TINY, cmdline, descendants, free_port, listener_of, nice_of
 
 pytestmark = pytest.mark.ray
 
@@ -88,6 +88,9 @@ def test_lm_serve_runs_in_the_foreground_and_stops_cleanly(
         assert family
         replicas = [p for p in family if cmdline(p).startswith("ray::ServeReplica")]
         assert replicas and {nice_of(p) for p in replicas} == {nice_of(server.pid)}  # not Ray's nice 15
+        # serve.ingress=auto with its own Ray and one replica: the replica itself listens on the port, no proxy
+        assert "1 replica(s), direct ingress (the replica serves HTTP)" in out
+        assert listener_of(port, family) in replicas
 
         assert httpx.get(f"{url}/healthz").status_code == 200
         assert f"playground: open {url}/ in a browser" in out
@@ -211,6 +214,11 @@ def test_lm_serve_on_a_shared_cluster_never_takes_over_another_app(
         assert done.returncode == 2, done.stdout + done.stderr
         assert "serve.app_name=taken is already running on the Ray cluster at" in done.stderr
         assert "pick another name with serve.app_name=NAME" in done.stderr
+        done = subprocess.run(  # direct ingress is switched on in the environment of a Ray lm serve starts
+            [*LM, *common, "serve.app_name=direct", "serve.ingress=direct"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2 and "serve.ingress=direct needs lm serve's own Ray" in done.stderr
 
         server, log = _start(
             tmp_path, "second", [*common, "serve.app_name=second", "serve.route_prefix=/second"], env
@@ -218,6 +226,7 @@ def test_lm_serve_on_a_shared_cluster_never_takes_over_another_app(
         out = _wait_for(server, log, "curl -s")
         url = f"http://127.0.0.1:{first_port}/second"  # where Serve really listens, not --port
         assert "serving there, not at 127.0.0.1:" in out and f"at {url}\n" in out, out
+        assert "1 replica(s), Serve's HTTP proxy" in out  # serve.ingress=auto on a shared cluster
         assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
         code, out, err = _lm(capsys, "serve", "--stop", f"serve.pid_file={pid_file}")
         assert code == 0, err

@@ -29,11 +29,13 @@ from lmplatform.serve import (
     ServeError,
     check_pid_file,
     check_resources,
+    direct_ingress_env,
     parse_completion,
     parse_generate,
     parse_json,
     playground_page,
     stream_from_server,
+    use_direct_ingress,
 )
 
 from lm.config import ConfigError
@@ -148,6 +150,28 @@ def test_replicas_the_cluster_cannot_place_are_refused_naming_the_keys() -> None
         check_resources(ServeConfig(device="cuda"), {"CPU": 2.0})
     check_resources(ServeConfig(replicas=4, num_cpus=0.5), {"CPU": 2.0})
     check_resources(ServeConfig(device="cuda"), {"CPU": 2.0, "GPU": 1.0})
+
+
+def test_direct_ingress_only_where_lm_serve_owns_the_cluster_and_the_port() -> None:
+    assert use_direct_ingress(ServeConfig(), own_cluster=True)  # auto: own Ray, one replica
+    assert not use_direct_ingress(ServeConfig(replicas=2, num_cpus=0.5), own_cluster=True)
+    assert not use_direct_ingress(ServeConfig(), own_cluster=False)  # auto on a shared cluster: Serve's proxy
+    assert not use_direct_ingress(ServeConfig(ingress="proxy"), own_cluster=True)
+    assert use_direct_ingress(ServeConfig(ingress="direct"), own_cluster=True)
+    with pytest.raises(ServeError, match="serve.ingress=direct needs lm serve's own Ray"):
+        use_direct_ingress(ServeConfig(ingress="direct"), own_cluster=False)
+    with pytest.raises(
+        ConfigError, match=r"serve.ingress='direct' is not allowed: direct needs serve.replicas=1"
+    ):
+        ServeConfig(ingress="direct", replicas=2)
+    with pytest.raises(ConfigError, match=r"serve.ingress='sideways' is not allowed"):
+        ServeConfig(ingress="sideways")
+    env = direct_ingress_env(8123)  # the replica's port range is exactly [8123, 8124)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == (
+        "8123",
+        "8124",
+    )
 
 
 def test_a_pid_file_naming_a_live_server_is_refused_and_a_stale_one_removed(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@
   quantized per call), CPU only. The output projection shares its weight with the token embedding: it gets an
   int8 copy, and the embedding (and the KV cache) stay fp32.
 
-Only for inference: the returned model has no gradients to train.
+For inference only: the copy is in eval mode, and int8 layers cannot be trained.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -186,13 +187,19 @@ PRESETS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def bench_generate(
-    device: torch.device, prompt: int = 16, presets: tuple[str, ...] = ("tiny", "small", "medium")
-) -> list[dict]:
+    device: torch.device,
+    prompt: int = 16,
+    presets: tuple[str, ...] = ("tiny", "small", "medium"),
+    precisions: tuple[str, ...] = ("fp32", "bf16", "int8"),
+    rounds: int = 3,
+) -> tuple[list[dict], list[dict]]:
     """Tokens/s of generation with the KV cache against full recomputation, at each preset's own block_size.
 
     Two lengths per preset: up to block_size (prompt + new tokens fill the context: the cache's whole gain), and
     twice block_size, where the cache is dropped once the context outgrows block_size and every further token
     recomputes the last block_size positions (sinusoidal positions shift, so a cache cannot slide).
+    Second table: batch 1 up to block_size on the last preset (medium: n_embd 384, block 256), cached decoding
+    at each inference precision (lm.precision) against fp32 recomputation, alternating in one process.
     """
     from lm.config import load_config
 
@@ -220,6 +227,56 @@ def bench_generate(
                 )
             row["speedup"] = row["cache_tokens_per_s"] / row["recompute_tokens_per_s"]
             rows.append(row)
+    return rows, bench_precisions(device, load_config(PRESETS / f"{presets[-1]}.yaml").model, prompt, precisions,
+                                  rounds)  # fmt: skip
+
+
+def bench_precisions(
+    device: torch.device, cfg: ModelConfig, prompt: int, precisions: tuple[str, ...], rounds: int
+) -> list[dict]:
+    """Batch-1 tokens/s up to block_size: cached at each precision, recomputed in fp32 and at that precision;
+    the same seeded sampling everywhere, every measurement once per round in turn; medians over the rounds.
+
+    A last row, ``floor``: the same depth, heads and vocabulary at 8 channels per head (fp32), whose matrices are
+    too small to matter: the per-token cost of dispatching the ops that no precision removes.
+    """
+    from lm.precision import inference_model
+
+    torch.manual_seed(0)
+    fp32 = TransformerLM(cfg).to(device).eval()
+    models = {p: inference_model(fp32, p) for p in precisions}
+    narrow = dataclasses.replace(cfg, n_embd=8 * cfg.n_head, mlp_dim=32 * cfg.n_head)
+    models["floor"] = TransformerLM(narrow).to(device).eval()
+    new_tokens = cfg.block_size - prompt
+    idx = torch.randint(0, cfg.vocab_size, (1, prompt), device=device)
+
+    def tokens_per_s(model: TransformerLM, use_cache: bool) -> float:
+        g = torch.Generator(device=device).manual_seed(0)
+        sync(device)
+        t0 = time.perf_counter()
+        generate(model, idx, new_tokens, top_k=50, generator=g, use_cache=use_cache)
+        sync(device)
+        return new_tokens / (time.perf_counter() - t0)
+
+    runs = [(p, use_cache) for p in models for use_cache in (True, False)]
+    for p, use_cache in runs:  # warm-up: allocators, oneDNN primitives, packed weights
+        generate(models[p], idx, 8, top_k=50, generator=torch.Generator(device=device), use_cache=use_cache)
+    speeds: dict[tuple[str, bool], list[float]] = {run: [] for run in runs}
+    for _ in range(rounds):
+        for p, use_cache in runs:
+            if p != "floor" or use_cache:
+                speeds[p, use_cache].append(tokens_per_s(models[p], use_cache))
+    recompute_fp32 = statistics.median(speeds["fp32", False]) if "fp32" in models else float("nan")
+    rows = []
+    for p in models:
+        cached = statistics.median(speeds[p, True])
+        recomputed = statistics.median(speeds[p, False]) if speeds[p, False] else float("nan")
+        rows.append({
+            "precision": p, "n_embd": models[p].cfg.n_embd, "block": cfg.block_size, "batch": 1,
+            "new_tokens": new_tokens,
+            "cache_tokens_per_s": cached, "cache_runs": speeds[p, True], "recompute_tokens_per_s": recomputed,
+            "speedup_vs_fp32_recompute": cached / recompute_fp32, "speedup_vs_own_recompute": cached / recomputed,
+        })  # fmt: skip
     return rows
 
 
@@ -247,12 +304,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=9, help="turns per model in the training benchmark")
-    parser.add_argument("--steps", type=int, default=4, help="training steps per turn")
+    parser.add_argument("--rounds", type=int, default=9, help="train: turns per model")
+    parser.add_argument("--steps", type=int, default=4, help="train: training steps per turn")
     parser.add_argument(
         "--nanogpt", type=Path, default=None,
-        help="a checkout of github.com/karpathy/nanoGPT: its model.py joins the training benchmark",
+        help="train: a checkout of github.com/karpathy/nanoGPT, whose model.py joins the benchmark",
     )  # fmt: skip
+    parser.add_argument(
+        "--generate-rounds", type=int, default=3, help="generate: alternating rounds per precision"
+    )
+    parser.add_argument(
+        "--precisions", default="fp32,bf16,int8", help="generate: inference precisions of the batch-1 table"
+    )
+    parser.add_argument(
+        "--presets", default="tiny,small,medium", help="generate: presets (the last one: per precision)"
+    )
     parser.add_argument("--name", default=None, help="results file name (default: from device and options)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -293,11 +359,20 @@ def main(argv: list[str] | None = None) -> int:
         print("lm: our training step (LinearCrossEntropy, no logits); lm_logits: logits then F.cross_entropy; "
               "gpt2_labels: GPT-2's own loss via labels=")  # fmt: skip
     if "generate" in only:
-        rows = bench_generate(device)
+        rows, by_precision = bench_generate(
+            device, presets=tuple(args.presets.split(",")), precisions=tuple(args.precisions.split(",")),
+            rounds=args.generate_rounds,
+        )  # fmt: skip
         results["generate"] = rows
         print_table("generation after a 16-token prompt, at each preset's block_size (and past it)", rows, [
             ("shape", ""), ("block", "d"), ("batch", "d"), ("new_tokens", "d"), ("cache_tokens_per_s", ",.0f"),
             ("recompute_tokens_per_s", ",.0f"), ("speedup", ".1f"),
+        ])  # fmt: skip
+        results["generate_precision"] = by_precision
+        print_table("batch-1 cached decoding per precision (lm.precision) vs recomputation, alternating", by_precision, [
+            ("precision", ""), ("n_embd", "d"), ("block", "d"), ("new_tokens", "d"), ("cache_tokens_per_s", ",.0f"),
+            ("recompute_tokens_per_s", ",.0f"), ("speedup_vs_fp32_recompute", ".2f"),
+            ("speedup_vs_own_recompute", ".2f"),
         ])  # fmt: skip
     if "serve" in only:  # its own results file (serve.json): it starts lm serve once per batching mode
         from bench.serve_load import main as serve_main

@@ -30,6 +30,7 @@ from lm.config import (
 from lm.data import DataError, prepare_data
 from lm.evaluate import EvalError, EvalResult, evaluate_hf_baseline, evaluate_split, format_report
 from lm.generate import iter_generate
+from lm.precision import PRECISIONS, inference_model
 from lm.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 from lm.train import RunFinishedError, TrainError, resolve_device, train
 
@@ -159,6 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     checkpoint = args.resolve(args)
     device = resolve_device(args.device)
     model, cfg, _ = load_model(checkpoint, device)
+    model = inference_model(model, args.precision)
     data = prepare_data(eval_data_config(cfg, checkpoint, args.corpus, args.cache_dir), progress=True)
     if args.split not in data.splits:
         raise DataError(
@@ -167,7 +169,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = [
         evaluate_split(
             model, data.tokens(args.split), data.num_bytes(args.split), cfg.model.block_size,
-            batch_size=args.batch_size, device=device, model_name=args.checkpoint, text_name=args.split,
+            batch_size=args.batch_size, device=device, model_name=_model_name(args.checkpoint, args.precision),
+            text_name=args.split,
         )
     ]  # fmt: skip
     if args.baseline:
@@ -182,6 +185,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise
     _report(results, args.json)
     return 0
+
+
+def _model_name(checkpoint: str, precision: str) -> str:
+    return checkpoint if precision == "fp32" else f"{checkpoint} ({precision})"
 
 
 def _report(results: list[EvalResult], json_path: str | None) -> None:
@@ -220,7 +227,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"--- sample {i + 1} ---")
         stream_sample(
             checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-            args.seed + i, args.device,
+            args.seed + i, args.device, args.precision,
         )  # fmt: skip
         print()
     return 0
@@ -296,11 +303,14 @@ def stream_sample(
     top_p: float | None,
     seed: int,
     device: str,
+    precision: str = "fp32",
 ) -> str:
-    """Generate from ``checkpoint``, printing text as it is produced; returns the completion."""
+    """Generate from ``checkpoint`` at ``precision`` (lm.precision), printing text as it is produced; returns the
+    completion."""
     SampleConfig(prompt, max_new_tokens, temperature, top_k, top_p, seed=seed)  # ConfigError on bad arguments
     dev = resolve_device(device)
     model, _, tokenizer = load_model(checkpoint, dev)
+    model = inference_model(model, precision)
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     idx = torch.tensor([ids], dtype=torch.long, device=dev)
     generator = torch.Generator(device=dev).manual_seed(seed)
@@ -340,6 +350,16 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         nargs="*",
         default=[],
         help="optional dotted overrides, e.g. optim.lr=3e-3 train.max_seconds=120",
+    )
+
+
+def _add_precision_arg(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help=f"{verb} with fp32 weights (default), bf16 weights and KV cache, or int8 dynamically quantized "
+        "linear layers (CPU only); README 'Faster decoding' says which to use when",
     )
 
 
@@ -402,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-window", type=int, default=None, help="baseline window (default: its context)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
+    _add_precision_arg(p, "score")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(handler=cmd_eval, resolve=resolve_checkpoint)
 
@@ -415,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    _add_precision_arg(p, "generate")
     p.set_defaults(handler=cmd_generate, resolve=resolve_checkpoint)
 
     p = sub.add_parser("config", help="show the resolved configuration of an experiment")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from lm import cli as lm_cli
-from lm.config import ExperimentConfig
+from lm.config import ConfigError, ExperimentConfig
 from lm.data import prepare_data
 from lm.train import train
 from lmplatform.config import PlatformConfig, load_platform_config
@@ -369,6 +369,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.url:
         from lmplatform.serve import generate_command
 
+        if args.precision != "fp32":
+            raise ConfigError(
+                f"--precision {args.precision} applies to a local checkpoint; a server runs at its own "
+                "serve.precision (lm serve ... serve.precision=int8)"
+            )
         return generate_command(args)
     if args.checkpoint is None:
         from lm.checkpoint import CheckpointError

@@ -25,6 +25,7 @@ from lm.config import (
     read_raw,
     resolve_paths,
 )
+from lm.precision import PRECISIONS
 
 # Sections this module builds; ``search:`` is a mapping of dotted keys to spaces that lmplatform.tune reads.
 _BUILT_SECTIONS = ("ray", "tracking", "tune", "serve")
@@ -155,6 +156,9 @@ class ServeConfig(Section):
     port: int = 8000
     model: str | None = None  # models:/NAME@ALIAS, models:/NAME/VERSION, a run id or a directory; None: @best
     device: str = "cpu"  # cpu | cuda (one GPU per replica) | auto
+    precision: str = field(
+        default="fp32", metadata={"choices": PRECISIONS}
+    )  # lm.precision: fp32 | bf16 | int8
     replicas: int = 1
     num_cpus: float = 1.0  # Ray CPUs reserved per replica
     threads: int | None = None  # torch threads per replica; None: max(1, int(num_cpus))
@@ -191,6 +195,12 @@ class ServeConfig(Section):
         check(bool(self.host) and " " not in self.host, "serve.host", self.host, "an address: 127.0.0.1")
         check(0 < self.port < 65536, "serve.port", self.port, "a TCP port in 1..65535")
         check(self.device in ("cpu", "cuda", "auto"), "serve.device", self.device, "one of cpu, cuda, auto")
+        check(
+            self.precision != "int8" or self.device == "cpu",
+            "serve.precision",
+            self.precision,
+            f"int8 runs on the CPU only (serve.device={self.device}): use serve.device=cpu, or bf16 on a GPU",
+        )
         check(self.num_cpus >= 0, "serve.num_cpus", self.num_cpus, "must be >= 0")
         self._positive(
             "replicas", "threads", "max_batch_size", "max_prompt_tokens", "max_new_tokens", "max_n",

@@ -524,8 +524,11 @@ async def _merge(streams: list[Any]) -> AsyncIterator[tuple[int, Any]]:
 # Loading the model and building the application
 
 
-def load_model(ref: str | None, tracking_uri: str, experiment: str, device: str = "cpu") -> Any:
-    """The model to serve: ``lmplatform.models.load_served_model`` (registry alias, run id or directory).
+def load_model(
+    ref: str | None, tracking_uri: str, experiment: str, device: str = "cpu", precision: str = "fp32"
+) -> Any:
+    """The model to serve: ``lmplatform.models.load_served_model`` (registry alias, run id or directory), at
+    ``precision`` (``lm.precision.inference_model``; ``info["precision"]`` says which).
 
     A registry model or run is downloaded into a temporary directory that is removed as soon as the weights are
     in memory: a Serve replica never runs atexit hooks, so nothing may wait for the process to exit.
@@ -533,23 +536,27 @@ def load_model(ref: str | None, tracking_uri: str, experiment: str, device: str 
     import shutil
     import tempfile
 
+    from lm.precision import inference_model
     from lmplatform.models import default_model_ref, is_mlflow_ref, load_served_model, resolve_model
 
     ref = ref or default_model_ref(experiment)
     if not is_mlflow_ref(ref):
-        return load_served_model(ref, tracking_uri, experiment, device)
-    dest = Path(tempfile.mkdtemp(prefix="lmlab-served-"))
-    try:
-        found = resolve_model(ref, tracking_uri, dest)
-        served = load_served_model(str(found.checkpoint), tracking_uri, experiment, device)
-    finally:
-        shutil.rmtree(dest, ignore_errors=True)
-    info = {
-        **served.info, "name": found.registered_model or served.cfg.name, "source": found.source,
-        "run_id": found.run_id, "registered_model": found.registered_model, "version": found.version,
-        "metrics": found.metrics, "checkpoint": None,  # downloaded, loaded, removed
-    }  # fmt: skip
-    return dataclasses.replace(served, info=info)
+        served = load_served_model(ref, tracking_uri, experiment, device)
+        info = served.info
+    else:
+        dest = Path(tempfile.mkdtemp(prefix="lmlab-served-"))
+        try:
+            found = resolve_model(ref, tracking_uri, dest)
+            served = load_served_model(str(found.checkpoint), tracking_uri, experiment, device)
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        info = {
+            **served.info, "name": found.registered_model or served.cfg.name, "source": found.source,
+            "run_id": found.run_id, "registered_model": found.registered_model, "version": found.version,
+            "metrics": found.metrics, "checkpoint": None,  # downloaded, loaded, removed
+        }  # fmt: skip
+    model = inference_model(served.model, precision)
+    return dataclasses.replace(served, model=model, info={**info, "precision": precision})
 
 
 @functools.cache  # read once per process, on the first GET /
@@ -595,7 +602,9 @@ class LMServer:
         device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.served = load_model(settings.model_ref, settings.tracking_uri, settings.experiment, device)
+        self.served = load_model(
+            settings.model_ref, settings.tracking_uri, settings.experiment, device, cfg.precision
+        )
         self.tokenizer = self.served.tokenizer
         self.name = str(self.served.info.get("name") or settings.experiment)
         block = self.served.cfg.model.block_size
@@ -621,7 +630,7 @@ class LMServer:
                 self.served.model, self.tokenizer, max_batch_size=cfg.max_batch_size,
                 max_waiting=cfg.max_queued_requests, mode=cfg.batching, stream_interval=_STREAM_FLUSH_S,
             )  # fmt: skip
-        log.info("replica ready: %s (%s batching, %s)", self.name, cfg.batching, device)
+        log.info("replica ready: %s (%s batching, %s, %s)", self.name, cfg.batching, device, cfg.precision)
 
     def __del__(self) -> None:
         if getattr(self, "engine", None) is not None:

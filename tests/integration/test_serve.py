@@ -1,7 +1,8 @@
-"""lmplatform/serve.py over real HTTP on 127.0.0.1: one Serve instance for the module, four applications.
+"""lmplatform/serve.py over real HTTP on 127.0.0.1: one Serve instance for the module, five applications.
 
 - ``main`` (route ``/``): continuous batching, the model loaded by the registry alias models:/lmlab-itest@best;
 - ``static`` and ``none`` (routes ``/static``, ``/none``): the other batching modes, loaded by path;
+- ``int8`` (route ``/int8``): continuous batching with serve.precision=int8, loaded by path;
 - ``guarded`` (route ``/guarded``): bearer auth and a one-row, one-slot queue answering 429 with Retry-After.
 
 The model is the 22K-parameter toy of conftest's TINY, trained for 20 steps with MLflow tracking (so it is
@@ -63,7 +64,7 @@ def _settings(
 
 @pytest.fixture(scope="module")
 def server(ray_cluster: None, trained: dict[str, Any]) -> Iterator[str]:
-    """Serve on a free loopback port with the four applications; yields the base URL."""
+    """Serve on a free loopback port with the five applications; yields the base URL."""
     from ray import serve
 
     port = free_port()
@@ -73,6 +74,7 @@ def server(ray_cluster: None, trained: dict[str, Any]) -> Iterator[str]:
         "main": ("/", _settings(trained, None)),
         "static": ("/static", _settings(trained, ckpt, batching="static", batch_wait_timeout_s=0.2)),
         "none": ("/none", _settings(trained, ckpt, batching="none")),
+        "int8": ("/int8", _settings(trained, ckpt, precision="int8")),
         "guarded": (
             "/guarded",
             _settings(
@@ -209,6 +211,13 @@ def test_model_info_healthz_and_metrics(http: httpx.Client, trained: dict[str, A
         "lmlab_batch_occupancy",
     ):
         assert needle in text, needle
+
+
+def test_serve_precision_int8_decodes_and_says_so(http: httpx.Client) -> None:
+    assert http.get("/v1/model").json()["precision"] == "fp32"
+    assert http.get("/int8/v1/model").json()["precision"] == "int8"
+    out = _generate(http, "/int8", prompt="ROMEO:", max_new_tokens=8, temperature=0)
+    assert out["usage"]["completion_tokens"] == 8 or out["finish_reason"] == "eos"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -256,3 +256,39 @@ def test_playground_page_policy_pins_its_own_script_and_style() -> None:
     )
     assert "innerHTML" not in page and "insertAdjacentHTML" not in page  # text goes in as text nodes
     assert playground_page() is playground_page()  # read once per process
+
+
+def test_serve_precision_is_checked_and_the_replicas_model_runs_at_it(
+    tmp_path: Path, small_text: str
+) -> None:
+    import torch
+    from lmplatform import serve as serve_module
+
+    from lm.checkpoint import save_checkpoint
+    from lm.config import ExperimentConfig, ModelConfig
+    from lm.model import TransformerLM
+    from lm.tokenizer import train_tokenizer
+
+    with pytest.raises(ConfigError, match=r"serve.precision='fp16' is not allowed: one of fp32, bf16, int8"):
+        ServeConfig(precision="fp16")
+    with pytest.raises(
+        ConfigError, match=r"serve.precision='int8' is not allowed: int8 runs on the CPU only"
+    ):
+        ServeConfig(precision="int8", device="cuda")
+    assert ServeConfig(precision="bf16", device="cuda").precision == "bf16"
+
+    tok = train_tokenizer([small_text], vocab_size=300)
+    cfg = ExperimentConfig(model=ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_embd=32))
+    save_checkpoint(tmp_path / "ckpt", TransformerLM(cfg.model), cfg, tok)
+    for precision, linear in (("bf16", torch.nn.Linear), ("int8", torch.ao.nn.quantized.dynamic.Linear)):
+        served = serve_module.load_model(str(tmp_path / "ckpt"), "", "toy", "cpu", precision)
+        assert served.info["precision"] == precision and isinstance(served.model.lm_head, linear)
+        assert served.model.tok_emb.weight.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def test_lm_generate_url_refuses_a_precision_the_server_decides(capsys: pytest.CaptureFixture[str]) -> None:
+    from lmplatform.cli import main
+
+    assert main(["generate", "--url", "http://127.0.0.1:9", "--precision", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "--precision int8 applies to a local checkpoint" in err and "serve.precision" in err

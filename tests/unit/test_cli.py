@@ -228,3 +228,35 @@ def test_ctrl_c_during_lm_train_saves_and_exits_130(toy_args) -> None:
     )
     assert proc.returncode == 130, proc.stderr
     assert "stopped (signal) at step" in proc.stderr and "Run the same command again to resume" in proc.stderr
+
+
+def test_precision_option_of_eval_and_generate(
+    tmp_path: Path, small_text: str, corpus_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lm.checkpoint import save_checkpoint
+    from lm.config import ExperimentConfig, ModelConfig
+    from lm.model import TransformerLM
+    from lm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([small_text], vocab_size=300)
+    cfg = ExperimentConfig(model=ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_embd=32))
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, TransformerLM(cfg.model), cfg, tok)
+    scored = {}
+    for precision in ("fp32", "bf16", "int8"):
+        argv = ["eval", str(ckpt), "--corpus", str(corpus_file), "--cache-dir", str(tmp_path / "cache")]
+        assert main([*argv, "--precision", precision, "--json", str(tmp_path / "e.json")]) == 0
+        (scored[precision],) = json.loads((tmp_path / "e.json").read_text())
+        argv = ["generate", str(ckpt), "--precision", precision, "--prompt", "KING:", "--max-new-tokens", "5"]
+        assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("KING:") == 3
+    assert scored["bf16"]["model"] == f"{ckpt} (bf16)" and scored["fp32"]["model"] == str(ckpt)
+    for precision in ("bf16", "int8"):  # the same tokens scored, nearly the same loss
+        assert scored[precision]["tokens"] == scored["fp32"]["tokens"]
+        assert scored[precision]["loss"] == pytest.approx(scored["fp32"]["loss"], rel=0.01)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(ckpt), "--precision", "fp16"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err  # argparse quotes the choices on some Python versions
+    assert "--precision: invalid choice: 'fp16'" in err and all(p in err for p in ("fp32", "bf16", "int8"))

@@ -694,3 +694,30 @@ def test_ids_the_tokenizer_lacks_decode_to_nothing(tok: Tokenizer) -> None:
     deltas, fin = run(go())
     assert fin.text == "ab" and fin.completion_tokens == 3
     assert ids_of(deltas) == [*byte_ids(tok, b"a"), tok.vocab_size + 3, *byte_ids(tok, b"b")]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_the_engine_serves_a_model_at_another_precision(tok: Tokenizer, precision: str) -> None:
+    """serve.precision's model in the engine: bf16 with exact=True gives every request its tokens alone; int8
+    quantizes activations per call over the whole batch, so only lengths and reasons are compared."""
+    from lm.precision import inference_model
+
+    model = inference_model(tiny(tok), precision)
+    requests = [(tok.encode(p), params) for p, params in MIXED]
+
+    async def decode(mode: str):
+        engine = Engine(model, tok, max_batch_size=4, mode=mode, exact=True)
+        try:
+            if mode == "none":
+                return [await engine.submit(ids, params).collect() for ids, params in requests]
+            return await collect_all(engine, requests)
+        finally:
+            engine.close()
+
+    solo, together = run(decode("none")), run(decode("continuous"))
+    for (d1, f1), (d2, f2) in zip(solo, together):
+        assert (f1.reason, f1.completion_tokens) == (f2.reason, f2.completion_tokens)
+        check_consistent(d2, f2)
+        if precision == "bf16":
+            assert ids_of(d1) == ids_of(d2) and f1.text == f2.text
+    assert solo[0][1].completion_tokens == 40  # past block_size: windowing works at this precision too

@@ -170,6 +170,7 @@ class LevelResult:
     wall_s: float
     planned: int
     capped: bool  # the time cap stopped it before every planned request was sent
+    loop_lags: list[float] = field(default_factory=list)  # this client's own event-loop delays (loop_lag)
 
     def summary(self) -> dict[str, Any]:
         """p50/p95/p99 latency and TTFT of the successful requests, requests/s, output tokens/s, errors."""
@@ -187,6 +188,8 @@ class LevelResult:
         for q in (50, 95, 99):
             out[f"latency_p{q}_s"] = percentile(lat, q)
             out[f"ttft_p{q}_s"] = percentile(ttft, q)
+        for q in (50, 95):  # how late this process's own event loop ran: part of every latency above
+            out[f"client_lag_p{q}_s"] = percentile(self.loop_lags, q)
         first_errors = [s.error for s in self.samples if s.error][:3]
         if first_errors:
             out["first_errors"] = first_errors
@@ -205,6 +208,8 @@ async def closed_loop(
     samples: list[Sample | None] = [None] * len(specs)
     start = time.perf_counter()
     capped = False
+    done_sending = asyncio.Event()
+    lags = asyncio.ensure_future(loop_lag(done_sending))
 
     async def worker() -> None:
         nonlocal capped
@@ -216,8 +221,21 @@ async def closed_loop(
 
     await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     wall = time.perf_counter() - start
+    done_sending.set()
     done = [s for s in samples if s is not None]
-    return LevelResult(concurrency, done, wall, len(specs), capped)
+    return LevelResult(concurrency, done, wall, len(specs), capped, await lags)
+
+
+async def loop_lag(stop: asyncio.Event, every: float = 0.005) -> list[float]:
+    """How late each ``every``-second sleep of this event loop wakes up, until ``stop``: while the loop is busy
+    parsing other streams, a first token that has arrived waits unread, so this lag is part of the TTFT and
+    latency measured here, not the server's."""
+    lags = []
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        await asyncio.sleep(every)
+        lags.append(max(0.0, time.perf_counter() - t0 - every))
+    return lags
 
 
 async def run_levels(
@@ -251,6 +269,7 @@ def _line(r: dict[str, Any]) -> str:
         f"ok {r['ok']}/{r['planned']}{' (time cap)' if r['capped'] else ''}  {r['output_tokens_per_s']:.0f} tok/s  "
         f"{r['requests_per_s']:.2f} req/s  latency p50/p95/p99 {ms(r['latency_p50_s'])}/{ms(r['latency_p95_s'])}/"
         f"{ms(r['latency_p99_s'])} ms  TTFT p50/p95 {ms(r['ttft_p50_s'])}/{ms(r['ttft_p95_s'])} ms  errors {errors}"
+        f"  client loop lag p50/p95 {ms(r.get('client_lag_p50_s'))}/{ms(r.get('client_lag_p95_s'))} ms"
     )
 
 
@@ -522,6 +541,7 @@ def print_table(rows: dict[str, list[dict[str, Any]]]) -> None:
         "p99 ms",
         "TTFT p50",
         "TTFT p95",
+        "client lag p50/p95",
     ]
     table = [header]
     for mode, levels in rows.items():
@@ -531,6 +551,7 @@ def print_table(rows: dict[str, list[dict[str, Any]]]) -> None:
                 mode, str(r["concurrency"]), f"{r['ok']}/{r['planned']}", errors, f"{r['requests_per_s']:.2f}",
                 f"{r['output_tokens_per_s']:.0f}", ms(r["latency_p50_s"]), ms(r["latency_p95_s"]),
                 ms(r["latency_p99_s"]), ms(r["ttft_p50_s"]), ms(r["ttft_p95_s"]),
+                f"{ms(r.get('client_lag_p50_s'))}/{ms(r.get('client_lag_p95_s'))}",
             ])  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     print()

@@ -175,6 +175,22 @@ def test_a_level_sends_every_request_once_at_the_asked_concurrency_and_counts_er
     assert "queue full" in summary["first_errors"][0]
 
 
+def test_a_level_reports_how_late_its_own_event_loop_ran() -> None:
+    async def blocking_send(
+        spec: RequestSpec,
+    ) -> Sample:  # parses for 30 ms without yielding, like a busy client
+        time.sleep(0.03)
+        await asyncio.sleep(0.001)
+        return Sample(200, 0.031, 0.001, 1)
+
+    result = asyncio.run(closed_loop(blocking_send, request_mix(10, 1, 1, 0.0), 2, 30))
+    summary = result.summary()
+    assert (
+        len(result.loop_lags) >= 5 and summary["client_lag_p95_s"] >= 0.02
+    )  # the probe waited out the blocks
+    assert summary["client_lag_p50_s"] <= summary["client_lag_p95_s"]
+
+
 def test_the_time_cap_stops_a_level_by_itself(fake: str) -> None:
     FakeServer.delay = 0.05  # 0.2 s a request: 100 requests one at a time would take 20 s
     specs = request_mix(100, 4, 4, 0.0)

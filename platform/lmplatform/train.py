@@ -752,7 +752,6 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         from lmplatform.cluster import check_tracking_node
 
         check_tracking_node(config.get("tracking_node"), logger.uri)
-    if logger is not None:
         logger.warm_up()
     hooks = RayHooks(
         rank=dist.rank,

@@ -132,11 +132,9 @@ def http(server: str) -> Iterator[Any]:
 
 def free_port() -> int:
     """A TCP port nothing listens on at 127.0.0.1 right now (servers under test never assume 8000 is free)."""
-    import socket
+    from lmplatform.serve import free_port as free_port_at
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port_at("127.0.0.1")
 
 
 def descendants(pid: int) -> set[int]:

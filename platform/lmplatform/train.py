@@ -240,10 +240,31 @@ def ensure_ray(rc: RayConfig, log_to_driver: bool = True, tracking_uri: str | No
             raise PlatformError(f"cannot connect to Ray at {where or 'a running local head'}: {exc}") from exc
     if started_here:
         os.environ.setdefault(_PREEMPTION_ENV, "0")
+        start_train_coordinator()
     check_resources(rc, ray.cluster_resources(), fixed=started_here)
     from lmplatform.cluster import check_cluster  # imports this module
 
     check_cluster(rc, tracking_uri, [n for n in ray.nodes() if n.get("Alive")], fixed=started_here)
+
+
+def start_train_coordinator() -> bool:
+    """Start Ray Train's autoscaling coordinator now, from the driver; False where this Ray has none.
+
+    Train's controller creates this detached actor itself (``get_or_create``, by name) and waits for its first
+    answer before it asks for the workers: a new process plus ray.data's imports, on the way to the first step.
+    Created here, right after ``ray.init``, it starts in a prestarted worker while the MLflow run opens, and the
+    controller finds it. On 2 cores that moved ``make train``'s first step from 15.6-15.9 s to 14.2-14.6 s
+    (alternating runs). The module is Ray's own, not public API: where a Ray release moves it, this does nothing
+    and Train creates the actor as before.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:
+        return False
+    get_or_create_autoscaling_coordinator()
+    return True
 
 
 def normal_worker_priority() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from lmplatform.tracking import BEST_ALIAS, mlflow_client, registered_model_name
-from lmplatform.train import FAIL_ENV, PlatformError, check_resources, run_training
+from lmplatform.train import FAIL_ENV, PlatformError, check_resources, run_training, start_train_coordinator
 
 from lm.checkpoint import METRICS, TRAINER, RunLockedError, load_model, read_run_record, run_lock
 from lm.config import ConfigError
@@ -207,6 +207,19 @@ def test_rerun_continues_a_stopped_local_mode_run(make_config, monkeypatch: pyte
     fresh = run_training(cfg, pcfg, restart=True)  # lm train --restart: a new run from step 0
     assert fresh.resumed_from_step is None and fresh.step == 20
     assert fresh.tracker.run_id != outcome.tracker.run_id
+
+
+def test_the_coordinator_the_driver_starts_early_is_the_one_train_uses(ray_cluster, make_config) -> None:
+    import ray
+
+    # False would mean this Ray moved the module: make train's first step comes ~1.3 s later again.
+    assert start_train_coordinator()
+    early = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    cfg, pcfg = make_config("ray.num_workers=1", "train.max_steps=3", "train.eval_interval=0",
+                            "train.checkpoint_interval=0")  # fmt: skip
+    assert run_training(cfg, pcfg).step == 3
+    used = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    assert used._actor_id == early._actor_id  # found by name, not created a second time
 
 
 def test_two_cpu_workers_train_together(ray_cluster, make_config) -> None:

@@ -11,8 +11,9 @@ Once the worker trains, it alternates phases of ``--phase`` seconds: in one, eve
 second come from its own log file, which it writes itself, so nothing paused is on the way. Each pair of
 neighbouring phases gives one ratio, running / paused, so the machine's drift over a minute cancels out.
 
-Only processes under the ``lm train`` this script starts are touched, and every one is resumed (SIGCONT, nice
-0, SCHED_OTHER) before it exits, also on Ctrl-C.
+Only processes under the ``lm train`` this script starts are touched, and every one is resumed (SIGCONT) before
+it exits, also on Ctrl-C. Nice 0 and SCHED_OTHER are put back too where the user may (root may; others may not
+lower a nice value), else those processes keep the low priority for the rest of that run, which ends with it.
 """
 
 from __future__ import annotations

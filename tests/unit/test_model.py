@@ -158,6 +158,42 @@ def test_training_loss_path_without_grad_and_under_bf16_autocast() -> None:
         torch.testing.assert_close(g, expected[name], atol=1e-3, rtol=0.05, msg=name)
 
 
+def _fused_and_plain(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """LinearCrossEntropy and F.cross_entropy (per row) on exactly ``logits``: h = I, weight = logits.T."""
+    out = []
+    for fused in (True, False):
+        h = torch.eye(logits.size(0)).requires_grad_()
+        weight = logits.t().clone().requires_grad_()
+        if fused:
+            loss = lm.model.LinearCrossEntropy.apply(h, weight, targets, -100)
+            loss.backward()
+        else:
+            loss = F.cross_entropy(h @ weight.t(), targets, reduction="none")
+            loss.mean().backward()
+        out += [loss.detach(), h.grad, weight.grad]
+    return tuple(out)
+
+
+def test_training_loss_of_far_off_targets_is_exact_until_the_cap_and_their_gradients_always() -> None:
+    """The fused path's loss is -log p of the target. For targets 30-60 nats below the top logit (p 1e-13 to 1e-26)
+    that is F.cross_entropy's; past ~87 nats p underflows in fp32 and the row loss is capped at -log(float32 tiny),
+    while its gradient still equals the plain path's."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    targets = torch.arange(6)
+    for row, gap in [(1, 30.0), (2, 45.0), (3, 60.0), (4, 200.0)]:
+        logits[row, row] = logits[row].max() - gap
+    loss, h_grad, w_grad, rows, h_expected, w_expected = _fused_and_plain(logits, targets)
+    cap = -math.log(torch.finfo(torch.float32).tiny)  # 87.34
+    assert rows[4] > cap + 100  # row 4's true loss is past the cap...
+    torch.testing.assert_close(
+        loss, (rows.sum() - rows[4] + cap) / 6, atol=1e-5, rtol=1e-6
+    )  # ...only it is capped
+    torch.testing.assert_close(h_grad, h_expected, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(w_grad, w_expected, atol=1e-7, rtol=1e-5)
+    loss, *_ = _fused_and_plain(logits[:4], targets[:4])  # without row 4: the mean of the exact row losses
+    torch.testing.assert_close(loss, rows[:4].mean(), atol=1e-5, rtol=1e-6)
+
+
 def test_tiny_preset_has_exactly_658944_parameters() -> None:
     model = TransformerLM(ModelConfig())
     assert model.num_parameters() == 658_944

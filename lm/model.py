@@ -145,12 +145,21 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty(N, h.size(1), device=h.device, dtype=dtype) if want_h else None
             grad_w = torch.zeros(V, h.size(1), device=h.device, dtype=torch.float32) if want_w else None
             chunk = max(1, _CE_CHUNK_LOGITS.get(device, _CE_CHUNK_LOGITS_OTHER) // V)
+            # One buffer for every chunk's logits, softmax and gradient, all in place: a fresh (chunk, V) tensor
+            # per chunk (new pages from the allocator every time) cost more than the softmax itself.
+            buf = torch.empty(min(chunk, N), V, device=h.device, dtype=torch.float32)
             for s in range(0, N, chunk):
                 hc, tc = hd[s : s + chunk], safe[s : s + chunk]
-                # One exp per logit: the softmax is the gradient's main part, and the loss needs only the
-                # targets' probabilities, -log p. Where p underflows (a row loss past ~87 nats, never seen in
-                # training) that row's loss is capped there; its gradient is exact all the same.
-                p = torch.softmax((hc @ wd.t()).float(), dim=1)  # (n, V)
+                p = buf[: hc.size(0)]
+                if dtype == torch.float32:
+                    torch.mm(hc, wd.t(), out=p)  # (n, V) logits
+                else:
+                    p.copy_(hc @ wd.t())
+                # Softmax in place (as F.softmax: minus the row max, exp, over the sum): one exp per logit. The
+                # loss needs only the targets' probabilities, -log p. Where p underflows (a row loss past ~87 nats,
+                # never seen in training) that row's loss is capped there; its gradient is exact all the same.
+                p.sub_(p.amax(1, keepdim=True)).exp_()
+                p.div_(p.sum(1, keepdim=True))
                 rows = torch.arange(p.size(0), device=p.device)
                 p_target = p[rows, tc].clamp_min(torch.finfo(p.dtype).tiny)
                 loss -= (p_target.log() * row_weight[s : s + chunk]).sum()
@@ -160,8 +169,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g = p.mul_(row_weight[s : s + chunk].unsqueeze(1)).to(dtype)  # (n, V): d loss / d logits
                 if want_h:
                     torch.mm(g, wd, out=grad_h[s : s + chunk])  # (n, V) @ (V, C)
-                if want_w:
-                    grad_w += (g.t() @ hc).float()  # (V, n) @ (n, C)
+                if want_w and g.dtype == grad_w.dtype:
+                    grad_w.addmm_(g.t(), hc)  # (V, n) @ (n, C), accumulated in place
+                elif want_w:
+                    grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = h.dtype, weight.dtype
         return loss

@@ -164,7 +164,12 @@ class StopRequest:
         """Something picklable the workers poll: a Ray actor (None in local mode, which reads the Event)."""
         import ray
 
-        self._actor = ray.remote(num_cpus=0)(_StopActor).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node: anywhere else, that node's death would take the flag with it and fail the
+        # restarted workers' every poll (it did, on a worker node removed mid-run).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._actor = ray.remote(num_cpus=0)(_StopActor).options(scheduling_strategy=here).remote()
 
         def forward() -> None:
             self.event.wait()

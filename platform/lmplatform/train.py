@@ -163,7 +163,6 @@ class StopRequest:
     def worker_handle(self) -> Any:
         """Something picklable the workers poll: a Ray actor (None in local mode, which reads the Event)."""
         import ray
-
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         # On the driver's node: anywhere else, that node's death would take the flag with it and fail the

@@ -31,31 +31,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.procs import cmdline, descendants
+
 ROOT = Path(__file__).resolve().parents[1]
 STEP = re.compile(r"step\s+(\d+) \|.*tok/s")
 WORKER = "ray::RayTrainWorker"
-
-
-def children(pid: int) -> list[int]:
-    """Every process under ``pid``, from /proc (Ray's daemons are the driver's children, workers the raylet's)."""
-    parent: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parent.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in parent.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def command(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    return ""
 
 
 def last_step(text: str) -> int | None:
@@ -132,8 +112,8 @@ def measure(seconds: int, phase: float, mode: str, only: str) -> tuple[list[floa
             time.sleep(0.5)
             log = _worker_log(Path(tmp), started)
         time.sleep(2 * phase)  # past the first steps' warm-up
-        held = [p for p in children(proc.pid) if WORKER not in command(p) and re.search(only, command(p))]
-        names = sorted({os.path.basename(command(p).split(" ")[0]) for p in held})
+        held = [p for p in descendants(proc.pid) if WORKER not in cmdline(p) and re.search(only, cmdline(p))]
+        names = sorted({os.path.basename(cmdline(p).split(" ")[0]) for p in held})
         rates: dict[bool, list[float]] = {True: [], False: []}
         paused = False
         try:

@@ -38,6 +38,8 @@ from typing import Any
 
 import httpx
 
+from bench.procs import cmdline, descendants
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("none", "static", "continuous")
@@ -459,21 +461,10 @@ def replica_rss(server_pid: int) -> int | None:
 
     Read from /proc (Linux), so it needs no psutil; None when the replica is not found.
     """
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, seen = [server_pid], set()
-    while todo:
-        pid = todo.pop()
-        seen.add(pid)
-        todo += [c for c in children.get(pid, []) if c not in seen]
-        if pid == server_pid:
-            continue
-        with contextlib.suppress(OSError):
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "ServeReplica" in title and "LMServer" in title:
+    for pid in descendants(server_pid):
+        title = cmdline(pid)
+        if "ServeReplica" in title and "LMServer" in title:
+            with contextlib.suppress(OSError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
                         return int(line.split()[1]) * 1024  # kB

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from lmplatform.config import PlatformConfig, load_platform_config
 
+from bench.procs import cmdline, descendants  # noqa: F401 (the tests import them from here)
 from lm.config import ExperimentConfig
 
 TINY = [
@@ -135,30 +136,6 @@ def free_port() -> int:
     from lmplatform.serve import free_port as free_port_at
 
     return free_port_at("127.0.0.1")
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (from /proc: Ray's gcs, raylet and workers that the server started)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def cmdline(pid: int) -> str:
-    """A process's command line ('' once it is gone); Ray's workers show their role: ray::ServeReplica..."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def listener_of(port: int, pids: set[int]) -> int | None:

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 
-from bench.ray_pause import children, hold, last_step, pair_ratios
+from bench.procs import descendants
+from bench.ray_pause import hold, last_step, pair_ratios
 
 
 def _state(pid: int) -> str:
@@ -20,12 +21,12 @@ def _state(pid: int) -> str:
 def test_children_are_the_whole_tree_under_a_process_and_nothing_else() -> None:
     outside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     tree = subprocess.Popen(["sh", "-c", "sleep 30 & sh -c 'sleep 30 & wait' & wait"])
-    found: list[int] = []
+    found: set[int] = set()
     try:
         deadline = time.monotonic() + 10
         while len(found) < 3 and time.monotonic() < deadline:  # a sleep, an sh, and that sh's sleep
             time.sleep(0.05)
-            found = children(tree.pid)
+            found = descendants(tree.pid)
         assert len(found) == 3
         assert tree.pid not in found and outside.pid not in found and os.getpid() not in found
     finally:
@@ -37,13 +38,21 @@ def test_children_are_the_whole_tree_under_a_process_and_nothing_else() -> None:
             p.wait()
 
 
+def _settled_state(pid: int, want: str) -> str:
+    """The process's state once it is one of ``want`` (signals take effect asynchronously), or after 5 s."""
+    deadline = time.monotonic() + 5
+    while _state(pid) not in want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _state(pid)
+
+
 def test_hold_pauses_and_resumes() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         hold([proc.pid], "stop", True)
-        assert _state(proc.pid) == "T"
+        assert _settled_state(proc.pid, "T") == "T"
         hold([proc.pid], "stop", False)
-        assert _state(proc.pid) in "SR"
+        assert _settled_state(proc.pid, "SR") in "SR"
         hold([proc.pid], "nice", True)
         assert os.getpriority(os.PRIO_PROCESS, proc.pid) == 19
     finally:

@@ -6,7 +6,7 @@
 
 Runs ``lm train experiments/tiny.yaml`` on a Ray of its own (``ray.address=local``), its progress every 5 steps.
 Once the worker trains, it alternates phases of ``--phase`` seconds: in one, every other process of that Ray
-(the GCS, the raylet, agents, monitors, Ray Train's helper actors, lm's stop-flag actor) is paused with SIGSTOP
+(the GCS, the raylet, agents, monitors, Ray Train's helper actors) is paused with SIGSTOP
 (or, with ``--mode``, only given nice 19 or SCHED_IDLE); in the next it runs as usual. The worker's steps per
 second come from its own log file, which it writes itself, so nothing paused is on the way. Each pair of
 neighbouring phases gives one ratio, running / paused, so the machine's drift over a minute cancels out.

@@ -32,6 +32,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,34 +89,23 @@ class RayTrainOutcome:
 # Stop requests: the driver's SIGINT/SIGTERM, seen by every worker
 
 
-class _StopActor:
-    """A flag in a tiny Ray actor: the driver sets it, rank 0 of the workers polls it."""
-
-    def __init__(self) -> None:
-        self.flag = False
-
-    def set(self) -> None:
-        self.flag = True
-
-    def is_set(self) -> bool:
-        return self.flag
-
-
-_IN_PROCESS_STOP = threading.Event()  # Ray's local mode runs the loop in the driver: no actor needed
+_IN_PROCESS_STOP = threading.Event()  # Ray's local mode runs the loop in the driver: no key needed
+_STOP_NAMESPACE = "lmlab-stop"  # the GCS key-value namespace of the driver-to-worker stop flags
+_STOP_POLL_S = 0.25  # how often rank 0 reads the flag (one GCS round trip, about 0.5 ms, on a thread)
 
 
 class StopRequest:
     """Driver side of a stop: :meth:`on_signals` turns SIGINT/SIGTERM into a request the workers obey.
 
     The signal handler only sets an Event (calling Ray from a signal handler could interrupt Ray itself holding
-    a lock); a daemon thread forwards it to the actor. A second signal gets Python's default behaviour, so a
-    second Ctrl-C still aborts at once.
+    a lock); a daemon thread forwards it to the workers' flag. A second signal gets Python's default behaviour,
+    so a second Ctrl-C still aborts at once.
     """
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signal_name: str | None = None
-        self._actor: Any = None
+        self._key: str | None = None
         self._handler: Any = None
         _IN_PROCESS_STOP.clear()
 
@@ -160,48 +150,72 @@ class StopRequest:
             for s in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(s, self._handler)
 
-    def worker_handle(self) -> Any:
-        """Something picklable the workers poll: a Ray actor (None in local mode, which reads the Event)."""
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    def worker_handle(self) -> str:
+        """The name of a flag the workers poll, a key in the GCS's key-value store, set once a stop is requested.
 
-        # On the driver's node: anywhere else, that node's death would take the flag with it and fail the
-        # restarted workers' every poll (it did, on a worker node removed mid-run).
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self._actor = ray.remote(num_cpus=0)(_StopActor).options(scheduling_strategy=here).remote()
+        A key rather than an actor: an actor is one more process, which took 1.7 s of CPU while the run started
+        (it imports this module, hence torch) and, like every Ray actor, woke 100 times a second while it
+        trained. The GCS lives on the head, so a worker node's death cannot take the flag with it. The store is
+        ``ray.experimental.internal_kv``, which Ray's own libraries use for the same kind of small shared state.
+        """
+        from ray.experimental import internal_kv
+
+        key = f"{os.getpid()}-{uuid.uuid4().hex}"
+        self._key = key
 
         def forward() -> None:
             self.event.wait()
+            if self._key != key:  # released: the run is over
+                return
             with contextlib.suppress(Exception):  # Ray already shut down: nobody left to tell
-                self._actor.set.remote()
+                internal_kv._internal_kv_put(key, b"1", namespace=_STOP_NAMESPACE)
 
         threading.Thread(target=forward, name="lmlab-stop-forward", daemon=True).start()
-        return self._actor
+        return key
+
+    def release(self) -> None:
+        """Delete the flag :meth:`worker_handle` made (a long-lived cluster would otherwise keep one per run)."""
+        key, self._key = self._key, None
+        if key is not None:
+            from ray.experimental import internal_kv
+
+            with contextlib.suppress(Exception):  # Ray already shut down: the store went with it
+                internal_kv._internal_kv_del(key, namespace=_STOP_NAMESPACE)
 
 
 class _StopPoller:
-    """Worker side: non-blocking look at the driver's flag, once per step, on rank 0 (all_max tells the rest)."""
+    """Worker side, on rank 0 (all_max tells the rest): has the driver asked to stop?
 
-    def __init__(self, actor: Any) -> None:
-        self.actor = actor
-        self.pending: Any = None
+    A daemon thread reads the flag every ``_STOP_POLL_S`` and the step only reads a bool, so a slow or paused GCS
+    never holds up a training step (bench.ray_pause pauses it on purpose).
+    """
+
+    def __init__(self, key: str | None) -> None:
+        self.key = key
         self.stopped = False
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __call__(self) -> bool:
-        if self.stopped:
-            return True
-        if self.actor is None:
-            self.stopped = _IN_PROCESS_STOP.is_set()
-            return self.stopped
-        import ray
-
-        if self.pending is None:
-            self.pending = self.actor.is_set.remote()
-        ready, _ = ray.wait([self.pending], timeout=0)
-        if ready:
-            self.stopped = bool(ray.get(self.pending))
-            self.pending = None
+        if self.key is None:
+            self.stopped = self.stopped or _IN_PROCESS_STOP.is_set()
+        elif self._thread is None:
+            self._thread = threading.Thread(target=self._poll, name="lmlab-stop-poll", daemon=True)
+            self._thread.start()
         return self.stopped
+
+    def close(self) -> None:
+        """End the polling thread (the run is over)."""
+        self._closed.set()
+
+    def _poll(self) -> None:
+        from ray.experimental import internal_kv
+
+        while not self._closed.wait(_STOP_POLL_S):
+            with contextlib.suppress(Exception):  # the next look may succeed; the driver's Ray may be gone
+                if internal_kv._internal_kv_get(self.key, namespace=_STOP_NAMESPACE) is not None:
+                    self.stopped = True
+                    return
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -384,7 +398,7 @@ def run_training(
                 "logger": tracker.logger if tracker else None,
                 "record_dir": str(root) if rc.is_local_storage else None,
                 "started_at": started_at,
-                "stop": None if rc.num_workers == 0 else stop.worker_handle(),
+                "stop": None if rc.num_workers == 0 else stop.worker_handle(),  # released below
                 "report": report,
                 # a local MLflow store is only this node's: rank 0 must log from here (autoscaled clusters)
                 "tracking_node": local_tracking_node(pcfg.tracking) if rc.num_workers > 0 else None,
@@ -398,6 +412,8 @@ def run_training(
                 elif tracker is not None:
                     tracker.fail(failure_reason(exc))
                 raise
+            finally:
+                stop.release()
             outcome = _outcome(result, rc, root, tracker)
             if tracker is not None:
                 tracker.conclude(
@@ -778,6 +794,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         check_tracking_node(config.get("tracking_node"), logger.uri)
         logger.warm_up()
+    stop = _StopPoller(config["stop"])
     hooks = RayHooks(
         rank=dist.rank,
         tracking=TrackingHooks(logger, config["record_dir"]) if logger is not None else None,
@@ -785,24 +802,27 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         fail_marker=Path(config["fail_marker"]),
         started_at=config["started_at"],
         report_checkpoints=config["report_checkpoints"],
-        stop=_StopPoller(config["stop"]),
+        stop=stop,
         report=config.get("report"),
     )
     # The driver holds the run lock and handles the signals for the whole run.
     options: dict[str, Any] = {"hooks": hooks, "dist": dist, "lock": False, "handle_signals": False}
     checkpoint = ray.train.get_checkpoint() if config["report_checkpoints"] else None
-    if checkpoint is None:
-        # Local storage: the loop's own latest step in the run directory. Remote storage with nothing in Ray:
-        # scratch files here belong to a run Ray no longer knows (e.g. after --restart): start clean.
-        resume = not config["report_checkpoints"]
-        latest = CheckpointManager(cfg.train.out_dir).latest() if resume else None
-        hooks.resumed_from_step = _checkpoint_step(latest) if latest is not None else None
-        result = train(cfg, resume=resume, **options)
-    else:
-        # train() reads the checkpoint before its first step, so it is safe to use inside the context
-        with checkpoint.as_directory() as directory:
-            hooks.resumed_from_step = _checkpoint_step(Path(directory))
-            result = train(cfg, resume=Path(directory), **options)
+    try:
+        if checkpoint is None:
+            # Local storage: the loop's own latest step in the run directory. Remote storage with nothing in
+            # Ray: scratch files here belong to a run Ray no longer knows (e.g. after --restart): start clean.
+            resume = not config["report_checkpoints"]
+            latest = CheckpointManager(cfg.train.out_dir).latest() if resume else None
+            hooks.resumed_from_step = _checkpoint_step(latest) if latest is not None else None
+            result = train(cfg, resume=resume, **options)
+        else:
+            # train() reads the checkpoint before its first step, so it is safe to use inside the context
+            with checkpoint.as_directory() as directory:
+                hooks.resumed_from_step = _checkpoint_step(Path(directory))
+                result = train(cfg, resume=Path(directory), **options)
+    finally:
+        stop.close()
     return {
         "step": result.step,
         "metrics": result.metrics,

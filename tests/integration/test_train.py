@@ -5,13 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from lmplatform.tracking import BEST_ALIAS, mlflow_client, registered_model_name
-from lmplatform.train import FAIL_ENV, PlatformError, check_resources, run_training, start_train_coordinator
+from lmplatform.train import (
+    FAIL_ENV,
+    PlatformError,
+    StopRequest,
+    _StopPoller,
+    check_resources,
+    run_training,
+    start_train_coordinator,
+)
 
 from lm.checkpoint import METRICS, TRAINER, RunLockedError, load_model, read_run_record, run_lock
 from lm.config import ConfigError
@@ -220,6 +229,40 @@ def test_the_coordinator_the_driver_starts_early_is_the_one_train_uses(ray_clust
     assert run_training(cfg, pcfg).step == 3
     used = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
     assert used._actor_id == early._actor_id  # found by name, not created a second time
+
+
+def test_the_stop_flag_reaches_a_worker_through_the_gcs_and_is_deleted_with_the_run(
+    ray_cluster, make_config
+) -> None:
+    import ray
+    from ray.experimental import internal_kv
+
+    stop = StopRequest()
+    key = stop.worker_handle()
+
+    @ray.remote(num_cpus=0)
+    def poll(key: str, seconds: float) -> list[bool]:  # what rank 0 sees, in another process
+        poller, seen, end = _StopPoller(key), [], time.monotonic() + seconds
+        while time.monotonic() < end:
+            seen.append(poller())
+            time.sleep(0.05)
+        poller.close()
+        return seen
+
+    assert not any(ray.get(poll.remote(key, 0.6)))  # nothing asked yet: the flag reads unset
+    polling = poll.remote(key, 3.0)
+    time.sleep(1.0)
+    stop.request("SIGINT")
+    seen = ray.get(polling)
+    assert seen[-1] and seen[0] is False  # set while it polled, and it saw it
+    assert all(seen[seen.index(True) :])  # once seen, it stays seen
+    stop.release()
+    assert internal_kv._internal_kv_get(key, namespace="lmlab-stop") is None
+
+    cfg, pcfg = make_config("ray.num_workers=1", "train.max_steps=3", "train.eval_interval=0",
+                            "train.checkpoint_interval=0")  # fmt: skip
+    assert run_training(cfg, pcfg).step == 3
+    assert internal_kv._internal_kv_list("", namespace="lmlab-stop") == []  # a run leaves no flag behind
 
 
 def test_two_cpu_workers_train_together(ray_cluster, make_config) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from lmplatform.config import PlatformConfig, load_platform_config
 
-from bench.procs import cmdline, descendants  # noqa: F401 (the tests import them from here)
 from lm.config import ExperimentConfig
 
 TINY = [

@@ -14,8 +14,9 @@ import torch
 from lmplatform.cli import main
 from lmplatform.tracking import mlflow_client
 
+from bench.procs import cmdline, descendants
 from lm.checkpoint import read_run_record
-from tests.integration.conftest import cmdline, descendants, nice_of
+from tests.integration.conftest import nice_of
 
 pytestmark = pytest.mark.ray
 

@@ -19,10 +19,11 @@ import pytest
 import torch
 from lmplatform.config import load_platform_config
 
+from bench.procs import cmdline, descendants
 from lm.checkpoint import save_checkpoint
 from lm.model import TransformerLM
 from lm.tokenizer import train_tokenizer
-from tests.integration.conftest import TINY, cmdline, descendants, free_port, listener_of, nice_of
+from tests.integration.conftest import TINY, free_port, listener_of, nice_of
 
 pytestmark = pytest.mark.ray
 

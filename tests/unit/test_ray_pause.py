@@ -18,7 +18,7 @@ def _state(pid: int) -> str:
     return stat[stat.rindex(")") + 2]
 
 
-def test_children_are_the_whole_tree_under_a_process_and_nothing_else() -> None:
+def test_descendants_are_the_whole_tree_under_a_process_and_nothing_else() -> None:
     outside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     tree = subprocess.Popen(["sh", "-c", "sleep 30 & sh -c 'sleep 30 & wait' & wait"])
     found: set[int] = set()

@@ -167,6 +167,10 @@ class ServeConfig(Section):
     # stream chunk; proxy: Serve's HTTP proxy in front; auto: direct when lm serve starts its own Ray with one
     # replica, else proxy. See README "Serving under load".
     ingress: str = field(default="auto", metadata={"choices": ("auto", "proxy", "direct")})
+    # process: continuous/none batching decodes in a child process of the replica, so HTTP and decoding do not
+    # share one GIL; thread: in a thread of the replica; auto: process on the CPU, thread on a GPU. README
+    # "Serving under load".
+    engine: str = field(default="auto", metadata={"choices": ("auto", "process", "thread")})
     max_batch_size: int = 16  # rows decoded together per replica
     batch_wait_timeout_s: float = 0.01  # static batching: how long a batch waits to fill
     max_prompt_tokens: int | None = None  # None: the model's block_size

@@ -25,14 +25,23 @@ import asyncio
 import codecs
 import collections
 import contextlib
+import functools
+import itertools
 import logging
 import math
+import pickle
 import secrets
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -137,10 +146,13 @@ class RequestStream:
     """
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop | None, wake: threading.Condition | None, interval: float = 0.0
+        self,
+        loop: asyncio.AbstractEventLoop | None,
+        on_cancel: Callable[[], None] | None,
+        interval: float = 0.0,
     ) -> None:
         self._loop = loop
-        self._wake = wake
+        self._on_cancel = on_cancel  # tells the scheduler (a thread's condition, or the decoding process)
         self._interval = interval
         self._items: collections.deque[Event | BaseException] = collections.deque()
         self._ready = asyncio.Event() if loop else None  # set while _items holds something
@@ -153,10 +165,11 @@ class RequestStream:
 
     def cancel(self) -> None:
         """Stop decoding this request: its row is freed within one decode step and it ends "cancelled"."""
+        if self._cancelled.is_set():
+            return
         self._cancelled.set()
-        if self._wake is not None:
-            with self._wake:
-                self._wake.notify_all()
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -242,11 +255,10 @@ def _join(deltas: list[Delta]) -> Delta:
     return Delta("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids], logprobs)
 
 
-def _deliver(results: list[tuple[_Request, list[Event]]]) -> None:
+def _deliver(results: Sequence[tuple[RequestStream, Sequence[Event | BaseException]]]) -> None:
     """Hand a step's events to their streams: one wake-up per event loop, not one per event."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, list[Event]]]] = {}
-    for request, events in results:
-        stream = request.stream
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Sequence[Event | BaseException]]]] = {}
+    for stream, events in results:
         if stream._loop is not None and events:
             by_loop.setdefault(stream._loop, []).append((stream, events))
     for loop, batch in by_loop.items():
@@ -257,7 +269,7 @@ def _deliver(results: list[tuple[_Request, list[Event]]]) -> None:
                 stream._cancelled.set()
 
 
-def _put_all(batch: list[tuple[RequestStream, list[Event]]]) -> None:
+def _put_all(batch: list[tuple[RequestStream, Sequence[Event | BaseException]]]) -> None:
     for stream, events in batch:
         stream.put(events)
 
@@ -283,16 +295,7 @@ class Engine:
         exact: bool = False,
         stream_interval: float = 0.0,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not allowed: must be one of {', '.join(MODES)}")
-        if not (_is_int(max_batch_size) and max_batch_size >= 1):
-            raise ValueError(f"max_batch_size={max_batch_size!r} is not allowed: must be an integer >= 1")
-        if not (_is_int(max_waiting) and max_waiting >= 0):
-            raise ValueError(f"max_waiting={max_waiting!r} is not allowed: must be an integer >= 0")
-        if not (_is_number(stream_interval) and 0 <= stream_interval < math.inf):
-            raise ValueError(
-                f"stream_interval={stream_interval!r} is not allowed: must be a number of seconds >= 0"
-            )
+        _check_setup(mode, max_batch_size, max_waiting, stream_interval)
         self.mode = mode
         self.stream_interval = float(stream_interval)
         self.max_batch_size = max_batch_size
@@ -310,7 +313,7 @@ class Engine:
         already wait beyond the free rows (0: accept only what a free row can take), ValueError for token ids
         outside the vocabulary."""
         loop = asyncio.get_running_loop()
-        stream = RequestStream(loop, self._wake, self.stream_interval)
+        stream = RequestStream(loop, self._notify, self.stream_interval)
         request = self._core.request(prompt_ids, params, stream)
         with self._wake:
             if self._closed:
@@ -325,23 +328,14 @@ class Engine:
             self._wake.notify_all()
         return stream
 
+    @property
+    def alive(self) -> bool:
+        """Whether the scheduler runs (False once closed)."""
+        return self._thread.is_alive()
+
     def stats(self) -> dict[str, float]:
         """Counters and gauges for metrics: queue, batch occupancy, steps, tokens."""
-        core = self._core
-        running = self._busy
-        return {
-            "waiting": float(len(self._waiting)),
-            "running": float(running),
-            "max_batch_size": float(core.decoder.max_rows),  # 1 in mode "none"
-            "occupancy": running / core.decoder.max_rows,
-            "decode_steps": float(core.steps),
-            "tokens_generated": float(core.tokens_generated),
-            "prefill_tokens": float(core.decoder.prefill_tokens),
-            "decode_tokens": float(core.decoder.decode_tokens),
-            "requests_finished": float(core.requests_finished),
-            "requests_cancelled": float(core.requests_cancelled),
-            "windowed": float(core.decoder.windowed),
-        }
+        return _stats(self._core, len(self._waiting), self._busy)
 
     def close(self) -> None:
         """Stop the scheduler; every waiting or running request ends "cancelled"."""
@@ -350,24 +344,21 @@ class Engine:
             self._wake.notify_all()
         self._thread.join(timeout=60)
 
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
     def _deliver(self, results: list[tuple[_Request, list[Event]]]) -> None:
         self._busy = len(self._core.rows)  # before the events: whoever reads a Finished sees its row free
-        _deliver(results)
+        _deliver([(request.stream, events) for request, events in results])
 
     def _run(self) -> None:
         core = self._core
         while True:
             with self._wake:
                 while True:
-                    if any(r.stream.cancelled for r in self._waiting):  # gone before they got a row
-                        for request in [r for r in self._waiting if r.stream.cancelled]:
-                            self._waiting.remove(request)
-                            request.stream._push(core.finish(request, "cancelled"))
-                    for request, events in core.retire_cancelled():  # a waiting request takes the row now
-                        request.stream._push(events)
-                    admit: list[_Request] = []
-                    while self._waiting and len(admit) < core.decoder.free_rows():
-                        admit.append(self._waiting.popleft())
+                    admit, gone = _admissions(core, self._waiting)
+                    self._deliver(gone)
                     self._busy = len(core.rows) + len(admit)  # what submit and stats see during the step
                     if self._closed or admit or core.rows:
                         break
@@ -392,6 +383,306 @@ class Engine:
         for request in [*core.rows.values(), *leftover]:
             request.stream._push(core.finish(request, "cancelled"))
         core.drop_all()
+
+
+class ProcessEngine:
+    """``Engine`` with its scheduler in a child process: the same submit, streams, batching and results.
+
+    Why: a replica that serves HTTP and decodes in one process shares one GIL between them. Under load its
+    event loops wait for the decoding thread's Python (sampling, text, events), and a new request's way in
+    and its first token wait with them. Here a child process owns the model and the batched KV cache and
+    runs the same scheduling loop as ``Engine``; this process keeps only the streams. Pickled messages go
+    over a socket pair: submit and cancel one way, each step's events with the engine's counters the other,
+    read by one thread that hands them to the streams' event loops.
+
+    The model and tokenizer are pickled to the child once (a copy: the caller's stays usable); the child
+    sets ``threads`` torch threads. The child ends after ``close`` and also when this process dies (it reads
+    end-of-file). If the child dies, every open request ends with EngineError, so does every later
+    ``submit``, and ``alive`` turns False (Serve's health check restarts the replica).
+    """
+
+    def __init__(
+        self,
+        model: TransformerLM,
+        tokenizer: Tokenizer,
+        *,
+        max_batch_size: int = 32,
+        max_waiting: int = 256,
+        mode: str = "continuous",
+        exact: bool = False,
+        stream_interval: float = 0.0,
+        threads: int = 1,
+        start_timeout_s: float = 300.0,
+    ) -> None:
+        _check_setup(mode, max_batch_size, max_waiting, stream_interval)
+        if not (_is_int(threads) and threads >= 1):
+            raise ValueError(f"threads={threads!r} is not allowed: must be an integer >= 1")
+        self.mode = mode
+        self.stream_interval = float(stream_interval)
+        self.max_batch_size = max_batch_size
+        self.max_waiting = max_waiting
+        self._rows = max_batch_size if mode == "continuous" else 1
+        self._vocab = model.cfg.vocab_size
+        self._streams: dict[int, RequestStream] = {}  # submitted, not finished yet
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # the socket's sending side and _streams
+        self._closed = False
+        self._alive = False
+        self._stats: dict[str, float] = {}
+        ours, theirs = socket.socketpair()
+        self._conn = Connection(ours.detach())
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", _CHILD_BOOTSTRAP, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        try:
+            self._conn.send_bytes(pickle.dumps(sys.path))
+            setup = {"model": model, "tokenizer": tokenizer, "max_rows": self._rows, "exact": exact}
+            self._conn.send_bytes(pickle.dumps({**setup, "threads": threads}, pickle.HIGHEST_PROTOCOL))
+            if not self._conn.poll(start_timeout_s):
+                raise EngineError(f"the decoding process did not start within {start_timeout_s:g} s")
+            kind, *rest = pickle.loads(self._conn.recv_bytes())
+            if kind != "ready":
+                raise EngineError(f"the decoding process failed to start: {rest[0]}")
+            self._stats = rest[0]
+        except (EOFError, OSError) as exc:
+            self._stop_child(wait_s=5)
+            raise EngineError(
+                f"the decoding process failed to start (exit code {self._proc.returncode})"
+            ) from exc
+        except BaseException:
+            self._stop_child(wait_s=5)
+            raise
+        self._alive = True
+        self._reader = threading.Thread(target=self._read, name="lmlab-engine-reader", daemon=True)
+        self._reader.start()
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> RequestStream:
+        """As ``Engine.submit``; EngineError when the decoding process is gone or closed."""
+        loop = asyncio.get_running_loop()
+        prompt = _checked_prompt(prompt_ids, params, self._vocab)
+        with self._lock:
+            if not self._alive or self._closed:
+                raise EngineError("the engine is closed" if self._closed else "the decoding process is gone")
+            if len(self._streams) >= self.max_waiting + self._rows:  # every row busy, max_waiting waiting
+                raise EngineFull(
+                    f"{len(self._streams) - self._rows} requests are waiting for a row already "
+                    f"(max_waiting={self.max_waiting}, all {self._rows} rows busy)"
+                )
+            rid = next(self._ids)
+            stream = RequestStream(loop, functools.partial(self._cancel, rid), self.stream_interval)
+            self._send(("submit", rid, prompt, params, time.perf_counter()))
+            self._streams[rid] = stream
+        return stream
+
+    @property
+    def alive(self) -> bool:
+        """Whether the decoding process runs (False once closed)."""
+        return self._alive and not self._closed
+
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges for metrics: the queue and occupancy as of now (every request submitted and not
+        finished holds a row or waits for one), the counters as of the child's last message."""
+        with self._lock:
+            stats, open_requests = dict(self._stats), len(self._streams)
+        running = min(open_requests, self._rows)
+        stats.update(
+            waiting=float(open_requests - running), running=float(running), occupancy=running / self._rows
+        )
+        return stats
+
+    def close(self) -> None:
+        """Stop the child; every waiting or running request ends "cancelled"."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(EngineError):  # a child that died already: nothing to tell
+                self._send(("close",))
+        self._reader.join(timeout=60)  # the child sends its last events, then exits: end-of-file
+        self._stop_child()
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        try:
+            self._conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+        except OSError as exc:
+            self._alive = False
+            raise EngineError("the decoding process is gone") from exc
+
+    def _cancel(self, rid: int) -> None:
+        with self._lock:
+            if self._alive and rid in self._streams:
+                with contextlib.suppress(EngineError):
+                    self._send(("cancel", rid))
+
+    def _read(self) -> None:
+        try:
+            while True:
+                items, stats = pickle.loads(self._conn.recv_bytes())
+                ready = []
+                with self._lock:
+                    self._stats = stats  # before the events: whoever reads a Finished sees its row free
+                    for rid, events, admitted_step, finished_step in items:
+                        stream = self._streams.get(rid)
+                        if stream is None:
+                            continue
+                        stream.admitted_step, stream.finished_step = admitted_step, finished_step
+                        if isinstance(events[-1], (Finished, BaseException)):
+                            del self._streams[rid]
+                            if isinstance(events[-1], Finished):
+                                stream.finished = events[-1]
+                        ready.append((stream, events))
+                _deliver(ready)
+        except (EOFError, OSError):
+            pass  # the child exited
+        except Exception:
+            log.exception("reading from the decoding process failed")
+        finally:
+            with self._lock:
+                self._alive = False
+                orphans = list(self._streams.values())
+                self._streams.clear()
+            if orphans:
+                code = self._proc.poll()
+                error = EngineError(f"the decoding process ended (exit code {code}) before these requests")
+                _deliver([(stream, [error]) for stream in orphans])
+
+    def _stop_child(self, wait_s: float = 30.0) -> None:
+        """Close our end (the child reads end-of-file and exits), wait for it, kill it if it does not."""
+        with contextlib.suppress(OSError):
+            self._conn.close()
+        try:
+            self._proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+# The child's first lines: only the standard library until it has the parent's sys.path.
+_CHILD_BOOTSTRAP = (
+    "import pickle, sys\n"
+    "from multiprocessing.connection import Connection\n"
+    "conn = Connection(int(sys.argv[1]))\n"
+    "sys.path[:] = pickle.loads(conn.recv_bytes())\n"
+    "from lmplatform.engine import _child_main\n"
+    "_child_main(conn)\n"
+)
+
+
+class _ChildStream:
+    """What the child's scheduler keeps of a request's stream: its id, cancel flag and steps."""
+
+    __slots__ = ("rid", "cancelled", "admitted_step", "finished_step", "finished")
+
+    def __init__(self, rid: int) -> None:
+        self.rid = rid
+        self.cancelled = False
+        self.admitted_step: int | None = None
+        self.finished_step: int | None = None
+        self.finished: Finished | None = None
+
+
+def _child_main(conn: Connection) -> None:
+    """The decoding process: ``Engine._run``'s loop, with messages from the parent instead of calls."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is the parent's to handle
+    try:
+        setup = pickle.loads(conn.recv_bytes())
+        torch.set_num_threads(setup["threads"])
+        core = _Core(setup["model"], setup["tokenizer"], setup["max_rows"], setup["exact"])
+    except Exception as exc:
+        conn.send_bytes(pickle.dumps(("failed", f"{type(exc).__name__}: {exc}")))
+        return
+    conn.send_bytes(pickle.dumps(("ready", _stats(core, 0, 0))))
+    waiting: collections.deque[_Request] = collections.deque()
+    streams: dict[int, _ChildStream] = {}
+
+    def send(results: Sequence[tuple[_Request, Sequence[Event | BaseException]]]) -> None:
+        items = []
+        for request, events in results:
+            stream = request.stream
+            if events:
+                items.append((stream.rid, list(events), stream.admitted_step, stream.finished_step))
+                if isinstance(events[-1], (Finished, BaseException)):
+                    streams.pop(stream.rid, None)
+        stats = _stats(core, len(waiting), len(core.rows))
+        conn.send_bytes(pickle.dumps((items, stats), pickle.HIGHEST_PROTOCOL))
+
+    def receive(block: bool) -> bool:
+        """Take every message there is (wait for one when ``block``); False once the parent says close."""
+        if not conn.poll(None if block else 0):
+            return True
+        while True:
+            kind, *rest = pickle.loads(conn.recv_bytes())
+            if kind == "submit":
+                rid, prompt, params, t_submit = rest
+                streams[rid] = stream = _ChildStream(rid)
+                request = core.request(prompt, params, stream)  # type: ignore[arg-type]
+                request.t_submit = t_submit  # the parent's clock (perf_counter is system-wide)
+                waiting.append(request)
+            elif kind == "cancel" and rest[0] in streams:
+                streams[rest[0]].cancelled = True
+            elif kind == "close":
+                return False
+            if not conn.poll(0):
+                return True
+
+    try:
+        while receive(block=not (core.rows or waiting)):
+            admit, gone = _admissions(core, waiting)
+            if gone:
+                send(gone)
+            if not (admit or core.rows):
+                continue
+            try:
+                results = core.step(admit, first=send)
+            except Exception as exc:  # a bug or a device error: fail these requests, keep serving others
+                log.exception("engine step failed")
+                error = EngineError(f"decoding failed: {type(exc).__name__}: {exc}")
+                failed = [(r, [error]) for r in [*core.rows.values(), *admit]]
+                core.drop_all()
+                send(failed)
+                continue
+            send(results)
+        send([(r, core.finish(r, "cancelled")) for r in [*core.rows.values(), *waiting]])
+    except (EOFError, OSError):
+        pass  # the parent is gone: nobody to tell
+    finally:
+        conn.close()
+
+
+def _stats(core: _Core, waiting: int, running: int) -> dict[str, float]:
+    return {
+        "waiting": float(waiting),
+        "running": float(running),
+        "max_batch_size": float(core.decoder.max_rows),  # 1 in mode "none"
+        "occupancy": running / core.decoder.max_rows,
+        "decode_steps": float(core.steps),
+        "tokens_generated": float(core.tokens_generated),
+        "prefill_tokens": float(core.decoder.prefill_tokens),
+        "decode_tokens": float(core.decoder.decode_tokens),
+        "requests_finished": float(core.requests_finished),
+        "requests_cancelled": float(core.requests_cancelled),
+        "windowed": float(core.decoder.windowed),
+    }
+
+
+def _admissions(
+    core: _Core, waiting: collections.deque[_Request]
+) -> tuple[list[_Request], list[tuple[_Request, list[Event]]]]:
+    """The requests that take free rows at this step (in arrival order), and the events of those that left:
+    cancelled while waiting, or cancelled in a row (which a waiting request then takes at once)."""
+    gone = []
+    for request in [r for r in waiting if r.stream.cancelled]:
+        waiting.remove(request)
+        gone.append((request, core.finish(request, "cancelled")))
+    gone += core.retire_cancelled()
+    admit: list[_Request] = []
+    while waiting and len(admit) < core.decoder.free_rows():
+        admit.append(waiting.popleft())
+    return admit, gone
 
 
 def decode_static(
@@ -483,13 +774,7 @@ class _Core:
         self.requests_cancelled = 0
 
     def request(self, prompt_ids: Sequence[int], params: SamplingParams, stream: RequestStream) -> _Request:
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        vocab = self.model.cfg.vocab_size
-        prompt = [int(i) for i in prompt_ids]
-        bad = [i for i in prompt if not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        prompt = _checked_prompt(prompt_ids, params, self.model.cfg.vocab_size)
         seed = secrets.randbits(63) if params.seed is None else params.seed % (1 << 64)
         return _Request(
             prompt=prompt or [self.eos_id],  # an empty prompt starts a new document
@@ -720,6 +1005,29 @@ def _bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _check_setup(mode: str, max_batch_size: int, max_waiting: int, stream_interval: float) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not allowed: must be one of {', '.join(MODES)}")
+    if not (_is_int(max_batch_size) and max_batch_size >= 1):
+        raise ValueError(f"max_batch_size={max_batch_size!r} is not allowed: must be an integer >= 1")
+    if not (_is_int(max_waiting) and max_waiting >= 0):
+        raise ValueError(f"max_waiting={max_waiting!r} is not allowed: must be an integer >= 0")
+    if not (_is_number(stream_interval) and 0 <= stream_interval < math.inf):
+        raise ValueError(
+            f"stream_interval={stream_interval!r} is not allowed: must be a number of seconds >= 0"
+        )
+
+
+def _checked_prompt(prompt_ids: Sequence[int], params: SamplingParams, vocab: int) -> list[int]:
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+    prompt = [int(i) for i in prompt_ids]
+    bad = [i for i in prompt if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    return prompt
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:

@@ -593,7 +593,7 @@ class LMServer:
     def __init__(self, settings: ServerSettings) -> None:
         import torch
 
-        from lmplatform.engine import Engine
+        from lmplatform.engine import Engine, ProcessEngine
 
         cfg = settings.serve
         self.cfg = cfg
@@ -626,11 +626,23 @@ class LMServer:
             self._static_batch.set_max_batch_size(cfg.max_batch_size)
             self._static_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         else:
-            self.engine = Engine(
-                self.served.model, self.tokenizer, max_batch_size=cfg.max_batch_size,
-                max_waiting=cfg.max_queued_requests, mode=cfg.batching, stream_interval=_STREAM_FLUSH_S,
+            engine = cfg.engine if cfg.engine != "auto" else ("process" if device == "cpu" else "thread")
+            options = dict(
+                max_batch_size=cfg.max_batch_size, max_waiting=cfg.max_queued_requests, mode=cfg.batching,
+                stream_interval=_STREAM_FLUSH_S,
             )  # fmt: skip
+            if engine == "process":  # the child decodes with this replica's threads; this process serves HTTP
+                self.engine = ProcessEngine(
+                    self.served.model, self.tokenizer, threads=torch.get_num_threads(), **options
+                )
+            else:
+                self.engine = Engine(self.served.model, self.tokenizer, **options)
         log.info("replica ready: %s (%s batching, %s, %s)", self.name, cfg.batching, device, cfg.precision)
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose decoding engine stopped is restarted."""
+        if self.engine is not None and not self.engine.alive:
+            raise RuntimeError("the decoding engine is not running")
 
     def __del__(self) -> None:
         if getattr(self, "engine", None) is not None:

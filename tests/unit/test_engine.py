@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,6 +20,7 @@ from lmplatform.engine import (
     EngineError,
     EngineFull,
     Finished,
+    ProcessEngine,
     SamplingParams,
     decode_static,
     token_bytes,
@@ -30,6 +34,8 @@ BLOCK = 32
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # toy shapes: one thread is fastest
+# Every engine test runs against both schedulers: a thread of this process, and a child process.
+ENGINES = pytest.mark.parametrize("engine_class", [Engine, ProcessEngine], ids=["thread", "process"])
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +66,28 @@ class ScriptedLM(TransformerLM):
         for r, n in enumerate(lengths):
             logits[r, self.script[(n - 1) % len(self.script)]] = 10.0
         return logits if last_only else logits.unsqueeze(1).expand(-1, idx.size(1), -1)
+
+
+class NoEosLM(TransformerLM):
+    """A real model that never samples end-of-text (its logit is -inf)."""
+
+    eos_id = 0
+
+    def forward_rows(self, *args, **kw) -> torch.Tensor:
+        logits = super().forward_rows(*args, **kw)
+        logits[..., self.eos_id] = float("-inf")
+        return logits
+
+
+class PoisonedLM(ScriptedLM):
+    """A scripted model whose forward fails on any row holding token POISON: a device error, for one request."""
+
+    POISON = 7
+
+    def forward_rows(self, idx: torch.Tensor, *args, **kw) -> torch.Tensor:
+        if (idx == self.POISON).any():
+            raise RuntimeError("device lost")
+        return super().forward_rows(idx, *args, **kw)
 
 
 def scripted(tok: Tokenizer, script: list[int], extra_ids: int = 0) -> ScriptedLM:
@@ -115,22 +143,25 @@ async def after(stream, first) -> tuple[list[Delta], Finished]:
     return [first, *deltas], fin
 
 
+@ENGINES
 @pytest.mark.parametrize("arrivals", ["staggered", "burst"])
-def test_batched_requests_get_the_tokens_they_get_alone(tok: Tokenizer, arrivals: str) -> None:
+def test_batched_requests_get_the_tokens_they_get_alone(
+    engine_class: type[Engine], tok: Tokenizer, arrivals: str
+) -> None:
     """Greedy and seeded sampling, mixed lengths, staggered arrivals (or all at once: one padded prefill),
     windowing past block_size included."""
     model = tiny(tok)
     requests = [(tok.encode(p), params) for p, params in MIXED]
 
     async def alone():
-        engine = Engine(model, tok, mode="none")
+        engine = engine_class(model, tok, mode="none")
         try:
             return [await engine.submit(ids, params).collect() for ids, params in requests]
         finally:
             engine.close()
 
     async def batched():
-        engine = Engine(model, tok, max_batch_size=4)  # fewer rows than requests: some wait for a row
+        engine = engine_class(model, tok, max_batch_size=4)  # fewer rows than requests: some wait for a row
         try:
             streams, firsts = [], []
             for ids, params in requests:
@@ -154,12 +185,13 @@ def test_batched_requests_get_the_tokens_they_get_alone(tok: Tokenizer, arrivals
     assert stats["requests_finished"] == len(MIXED) and stats["running"] == 0 and stats["waiting"] == 0
 
 
-def test_stop_strings_never_leak_also_split_across_tokens(tok: Tokenizer) -> None:
+@ENGINES
+def test_stop_strings_never_leak_also_split_across_tokens(engine_class: type[Engine], tok: Tokenizer) -> None:
     script = byte_ids(tok, b"xySTOxzSTOPabc")  # "STO" is held back, then released when "x" breaks it
     model = scripted(tok, script)
 
     async def go():
-        engine = Engine(model, tok)
+        engine = engine_class(model, tok)
         try:
             return await collect_all(
                 engine,
@@ -185,7 +217,8 @@ def test_stop_strings_never_leak_also_split_across_tokens(tok: Tokenizer) -> Non
         check_consistent(deltas, fin)
 
 
-def test_stop_string_split_inside_multi_character_tokens(tok: Tokenizer) -> None:
+@ENGINES
+def test_stop_string_split_inside_multi_character_tokens(engine_class: type[Engine], tok: Tokenizer) -> None:
     text = "ROMEO: But soft, what light through yonder window breaks"
     script = tok.encode(text)
     pieces = [tok.decode([t]) for t in script]
@@ -195,7 +228,7 @@ def test_stop_string_split_inside_multi_character_tokens(tok: Tokenizer) -> None
     model = scripted(tok, script)
 
     async def go():
-        engine = Engine(model, tok)
+        engine = engine_class(model, tok)
         try:
             params = SamplingParams(max_new_tokens=len(script), temperature=0.0, stop=(stop,))
             return await engine.submit([5], params).collect()
@@ -208,12 +241,15 @@ def test_stop_string_split_inside_multi_character_tokens(tok: Tokenizer) -> None
     check_consistent(deltas, fin)
 
 
-def test_characters_split_across_tokens_are_never_sent_half(tok: Tokenizer) -> None:
+@ENGINES
+def test_characters_split_across_tokens_are_never_sent_half(
+    engine_class: type[Engine], tok: Tokenizer
+) -> None:
     data = "é€x—🙂".encode()
     model = scripted(tok, byte_ids(tok, data))
 
     async def go():
-        engine = Engine(model, tok)
+        engine = engine_class(model, tok)
         try:
             return await collect_all(
                 engine,
@@ -234,12 +270,13 @@ def test_characters_split_across_tokens_are_never_sent_half(tok: Tokenizer) -> N
     check_consistent(d2, f2)
 
 
-def test_eos_ends_a_request_without_its_text(tok: Tokenizer) -> None:
+@ENGINES
+def test_eos_ends_a_request_without_its_text(engine_class: type[Engine], tok: Tokenizer) -> None:
     script = [*byte_ids(tok, b"ab"), tok.eos_id, *byte_ids(tok, b"c")]
     model = scripted(tok, script)
 
     async def go():
-        engine = Engine(model, tok)
+        engine = engine_class(model, tok)
         try:
             return await engine.submit(
                 [5], SamplingParams(max_new_tokens=10, temperature=0.7, seed=1)
@@ -253,11 +290,12 @@ def test_eos_ends_a_request_without_its_text(tok: Tokenizer) -> None:
     assert fin.time_to_first_token_s is not None and 0 <= fin.time_to_first_token_s <= fin.total_s
 
 
-def test_length_limit_and_zero_tokens(tok: Tokenizer) -> None:
+@ENGINES
+def test_length_limit_and_zero_tokens(engine_class: type[Engine], tok: Tokenizer) -> None:
     model = tiny(tok)
 
     async def go():
-        engine = Engine(model, tok)
+        engine = engine_class(model, tok)
         try:
             return await collect_all(
                 engine,
@@ -282,12 +320,13 @@ def test_length_limit_and_zero_tokens(tok: Tokenizer) -> None:
     assert f3.prompt_tokens == 0 and f3.completion_tokens == 3 or f3.reason == "eos"
 
 
-def test_logprobs_are_the_models_distribution(tok: Tokenizer) -> None:
+@ENGINES
+def test_logprobs_are_the_models_distribution(engine_class: type[Engine], tok: Tokenizer) -> None:
     model = tiny(tok)
     prompt = tok.encode("JULIET:")
 
     async def go():
-        engine = Engine(model, tok)
+        engine = engine_class(model, tok)
         try:
             return await collect_all(
                 engine,
@@ -314,11 +353,14 @@ def test_logprobs_are_the_models_distribution(tok: Tokenizer) -> None:
     assert all(d.logprobs is None for d in d3)
 
 
-def test_cancel_frees_the_row_within_one_step_for_a_waiting_request(tok: Tokenizer) -> None:
+@ENGINES
+def test_cancel_frees_the_row_within_one_step_for_a_waiting_request(
+    engine_class: type[Engine], tok: Tokenizer
+) -> None:
     model = scripted(tok, byte_ids(tok, b"never ending "))  # no EOS: only the cancel stops it
 
     async def go():
-        engine = Engine(model, tok, max_batch_size=1)
+        engine = engine_class(model, tok, max_batch_size=1)
         try:
             long = engine.submit(tok.encode("To be"), SamplingParams(max_new_tokens=100_000, temperature=1.0))
             waiting = engine.submit(tok.encode("or not"), SamplingParams(max_new_tokens=3, temperature=0.0))
@@ -340,11 +382,12 @@ def test_cancel_frees_the_row_within_one_step_for_a_waiting_request(tok: Tokeniz
     assert stats["requests_cancelled"] == 1 and stats["running"] == 0
 
 
-def test_breaking_off_a_stream_cancels_it(tok: Tokenizer) -> None:
+@ENGINES
+def test_breaking_off_a_stream_cancels_it(engine_class: type[Engine], tok: Tokenizer) -> None:
     model = scripted(tok, byte_ids(tok, b"never ending "))
 
     async def go():
-        engine = Engine(model, tok, max_batch_size=2)
+        engine = engine_class(model, tok, max_batch_size=2)
         try:
             stream = engine.submit(tok.encode("Now"), SamplingParams(max_new_tokens=100_000, temperature=1.0))
             async for _ in stream:
@@ -362,12 +405,15 @@ def test_breaking_off_a_stream_cancels_it(tok: Tokenizer) -> None:
     assert stream.cancelled and stats["running"] == 0 and stats["requests_cancelled"] == 1
 
 
+@ENGINES
 @pytest.mark.parametrize("max_waiting", [0, 2])
-def test_a_full_waiting_queue_raises_engine_full(tok: Tokenizer, max_waiting: int) -> None:
+def test_a_full_waiting_queue_raises_engine_full(
+    engine_class: type[Engine], tok: Tokenizer, max_waiting: int
+) -> None:
     model = scripted(tok, byte_ids(tok, b"never ending "))  # no EOS: rows stay busy until cancelled
 
     async def go():
-        engine = Engine(model, tok, max_batch_size=2, max_waiting=max_waiting)
+        engine = engine_class(model, tok, max_batch_size=2, max_waiting=max_waiting)
         streams = []
         try:
             with pytest.raises(EngineFull, match="max_waiting"):
@@ -388,14 +434,15 @@ def test_a_full_waiting_queue_raises_engine_full(tok: Tokenizer, max_waiting: in
     assert late[1].completion_tokens == 2
 
 
+@ENGINES
 @pytest.mark.parametrize("mode", ["continuous", "none"])
 def test_a_short_request_after_a_long_one_finishes_first_only_when_continuous(
-    tok: Tokenizer, mode: str
+    engine_class: type[Engine], tok: Tokenizer, mode: str
 ) -> None:
     model = tiny(tok)
 
     async def go():
-        engine = Engine(model, tok, max_batch_size=4, mode=mode)
+        engine = engine_class(model, tok, max_batch_size=4, mode=mode)
         try:
             long = engine.submit(tok.encode("Long"), SamplingParams(max_new_tokens=60, temperature=0.0))
             await first_event(long)  # the long one is decoding
@@ -415,7 +462,10 @@ def test_a_short_request_after_a_long_one_finishes_first_only_when_continuous(
         assert short.admitted_step >= long.finished_step and short.finished_step > long.finished_step
 
 
-def test_decode_static_gives_one_slot_per_row_until_each_finishes(tok: Tokenizer) -> None:
+@ENGINES
+def test_decode_static_gives_one_slot_per_row_until_each_finishes(
+    engine_class: type[Engine], tok: Tokenizer
+) -> None:
     model = tiny(tok)
     requests = [(tok.encode(p), params) for p, params in MIXED[:4]]
     steps = list(decode_static(model, tok, requests))
@@ -430,7 +480,7 @@ def test_decode_static_gives_one_slot_per_row_until_each_finishes(tok: Tokenizer
     assert len(steps) <= max(p.max_new_tokens for _, p in requests) + 1
 
     async def alone():  # the same tokens as the engine gives each request alone
-        engine = Engine(model, tok, mode="none")
+        engine = engine_class(model, tok, mode="none")
         try:
             return [await engine.submit(ids, params).collect() for ids, params in requests]
         finally:
@@ -455,12 +505,15 @@ def test_decode_static_honours_cancel_flags(tok: Tokenizer) -> None:
     assert list(decode_static(model, tok, [])) == []
 
 
-def test_generation_keeps_going_past_block_size_with_bounded_work(tok: Tokenizer) -> None:
+@ENGINES
+def test_generation_keeps_going_past_block_size_with_bounded_work(
+    engine_class: type[Engine], tok: Tokenizer
+) -> None:
     model = tiny(tok)
     n = 5 * BLOCK
 
     async def go():
-        engine = Engine(model, tok)
+        engine = engine_class(model, tok)
         try:
             out = await collect_all(engine, [(tok.encode("Hark"), SamplingParams(max_new_tokens=n, seed=0))])
             return out[0], engine.stats()
@@ -487,7 +540,9 @@ class SlowLM(ScriptedLM):
         return super().forward_rows(*args, **kw)
 
 
+@ENGINES
 def test_a_paced_stream_sends_the_first_text_at_once_then_merged_text_and_never_holds_the_end(
+    engine_class: type[Engine],
     tok: Tokenizer,
 ) -> None:
     text = b"abcdefghij" * 4
@@ -498,7 +553,7 @@ def test_a_paced_stream_sends_the_first_text_at_once_then_merged_text_and_never_
     interval = 1.0  # 40 steps of >= 10 ms (0.4 s idle, seconds on a busy machine): a few Deltas, not 40
 
     async def go():
-        engine = Engine(model, tok, stream_interval=interval)
+        engine = engine_class(model, tok, stream_interval=interval)
         try:
             t0 = time.perf_counter()
             stream = engine.submit([5], SamplingParams(max_new_tokens=40, temperature=0.0))
@@ -518,7 +573,7 @@ def test_a_paced_stream_sends_the_first_text_at_once_then_merged_text_and_never_
     assert all(b - a >= interval * 0.9 for a, b in zip(arrived[1:-1], arrived[2:-1]))
     assert t_end - arrived[-1] < interval / 2  # the end comes with the last step, not an interval later
     with pytest.raises(ValueError, match="stream_interval"):
-        Engine(model, tok, stream_interval=-1)
+        engine_class(model, tok, stream_interval=-1)
 
 
 class SlowDecodeLM(ScriptedLM):
@@ -530,13 +585,16 @@ class SlowDecodeLM(ScriptedLM):
         return super().forward_rows(idx, *args, **kw)
 
 
-def test_a_new_requests_first_token_is_sent_before_the_batchs_decode_step(tok: Tokenizer) -> None:
+@ENGINES
+def test_a_new_requests_first_token_is_sent_before_the_batchs_decode_step(
+    engine_class: type[Engine], tok: Tokenizer
+) -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=1, n_head=2, n_embd=32)
     model = SlowDecodeLM(cfg, byte_ids(tok, b"abcdefghij")).eval()
 
     async def go():
-        engine = Engine(model, tok, max_batch_size=4)
+        engine = engine_class(model, tok, max_batch_size=4)
         try:
             long = engine.submit([5, 6], SamplingParams(max_new_tokens=8, temperature=0.0))
             await first_event(long)  # the long one is decoding, 0.3 s a step
@@ -574,15 +632,16 @@ def test_sampling_params_reject_bad_values() -> None:
     assert SamplingParams(3, stop=["a"]).stop == ("a",)
 
 
-def test_engine_refuses_bad_setup_and_bad_prompts(tok: Tokenizer) -> None:
+@ENGINES
+def test_engine_refuses_bad_setup_and_bad_prompts(engine_class: type[Engine], tok: Tokenizer) -> None:
     model = tiny(tok)
     with pytest.raises(ValueError, match="mode"):
-        Engine(model, tok, mode="static")
+        engine_class(model, tok, mode="static")
     with pytest.raises(ValueError, match="max_batch_size"):
-        Engine(model, tok, max_batch_size=0)
+        engine_class(model, tok, max_batch_size=0)
 
     async def go():
-        engine = Engine(model, tok)
+        engine = engine_class(model, tok)
         try:
             with pytest.raises(ValueError, match="outside the vocabulary"):
                 engine.submit([tok.vocab_size], SamplingParams(3))
@@ -594,13 +653,18 @@ def test_engine_refuses_bad_setup_and_bad_prompts(tok: Tokenizer) -> None:
     run(go())
 
 
-def test_unseeded_requests_differ_and_close_cancels_what_is_left(tok: Tokenizer) -> None:
-    model = tiny(tok)
+@ENGINES
+def test_unseeded_requests_differ_and_close_cancels_what_is_left(
+    engine_class: type[Engine], tok: Tokenizer
+) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32)
+    model = NoEosLM(cfg).eval()
+    model.eos_id = tok.eos_id  # never ends by itself
 
     async def go():
-        engine = Engine(model, tok, max_batch_size=2)
+        engine = engine_class(model, tok, max_batch_size=2)
         a, b = await collect_all(engine, [([5], SamplingParams(30)), ([5], SamplingParams(30))])
-        engine._core.eos_id = -1  # never ends by itself
         pending = [engine.submit([5], SamplingParams(100_000)) for _ in range(3)]
         await first_event(pending[0])
         engine.close()
@@ -611,24 +675,19 @@ def test_unseeded_requests_differ_and_close_cancels_what_is_left(tok: Tokenizer)
     assert all(fin.reason == "cancelled" for _, fin in pending)
 
 
-def test_a_failing_model_fails_its_requests_and_the_engine_keeps_serving(tok: Tokenizer) -> None:
-    model = scripted(tok, byte_ids(tok, b"ok"))
-    broken = {"on": True}
-    original = model.forward_rows
-
-    def flaky(*args, **kwargs):
-        if broken["on"]:
-            raise RuntimeError("device lost")
-        return original(*args, **kwargs)
-
-    model.forward_rows = flaky  # type: ignore[method-assign]
+@ENGINES
+def test_a_failing_model_fails_its_requests_and_the_engine_keeps_serving(
+    engine_class: type[Engine], tok: Tokenizer
+) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=1, n_head=2, n_embd=32)
+    model = PoisonedLM(cfg, byte_ids(tok, b"ok")).eval()
 
     async def go():
-        engine = Engine(model, tok)
+        engine = engine_class(model, tok)
         try:
             with pytest.raises(EngineError, match="device lost"):
-                await engine.submit([5], SamplingParams(2, temperature=0.0)).collect()
-            broken["on"] = False
+                await engine.submit([PoisonedLM.POISON], SamplingParams(2, temperature=0.0)).collect()
             return await engine.submit([5], SamplingParams(2, temperature=0.0)).collect()
         finally:
             engine.close()
@@ -637,13 +696,16 @@ def test_a_failing_model_fails_its_requests_and_the_engine_keeps_serving(tok: To
     assert fin.text == "ok"
 
 
-def test_exact_mode_gives_bit_identical_logprobs_alone_or_batched(tok: Tokenizer) -> None:
+@ENGINES
+def test_exact_mode_gives_bit_identical_logprobs_alone_or_batched(
+    engine_class: type[Engine], tok: Tokenizer
+) -> None:
     """exact=True: full-batch shapes at every step, so seeded sampling is exact, not just overwhelmingly likely."""
     model = tiny(tok)
     requests = [(tok.encode(p), dataclasses.replace(params, logprobs=2)) for p, params in MIXED]
 
     async def go(together: bool):
-        engine = Engine(model, tok, max_batch_size=4, exact=True)
+        engine = engine_class(model, tok, max_batch_size=4, exact=True)
         try:
             if together:
                 return await collect_all(engine, requests)
@@ -681,11 +743,12 @@ def test_token_bytes_spell_out_what_the_tokenizer_decodes(tok: Tokenizer) -> Non
     assert table[tok.eos_id] == b"<|endoftext|>"
 
 
-def test_ids_the_tokenizer_lacks_decode_to_nothing(tok: Tokenizer) -> None:
+@ENGINES
+def test_ids_the_tokenizer_lacks_decode_to_nothing(engine_class: type[Engine], tok: Tokenizer) -> None:
     model = scripted(tok, [*byte_ids(tok, b"a"), tok.vocab_size + 3, *byte_ids(tok, b"b")], extra_ids=8)
 
     async def go():
-        engine = Engine(model, tok)
+        engine = engine_class(model, tok)
         try:
             return await engine.submit([5], SamplingParams(3, temperature=0.0, logprobs=1)).collect()
         finally:
@@ -696,8 +759,11 @@ def test_ids_the_tokenizer_lacks_decode_to_nothing(tok: Tokenizer) -> None:
     assert ids_of(deltas) == [*byte_ids(tok, b"a"), tok.vocab_size + 3, *byte_ids(tok, b"b")]
 
 
+@ENGINES
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_the_engine_serves_a_model_at_another_precision(tok: Tokenizer, precision: str) -> None:
+def test_the_engine_serves_a_model_at_another_precision(
+    engine_class: type[Engine], tok: Tokenizer, precision: str
+) -> None:
     """serve.precision's model in the engine: bf16 with exact=True gives every request its tokens alone; int8
     quantizes activations per call over the whole batch, so only lengths and reasons are compared."""
     from lm.precision import inference_model
@@ -706,7 +772,7 @@ def test_the_engine_serves_a_model_at_another_precision(tok: Tokenizer, precisio
     requests = [(tok.encode(p), params) for p, params in MIXED]
 
     async def decode(mode: str):
-        engine = Engine(model, tok, max_batch_size=4, mode=mode, exact=True)
+        engine = engine_class(model, tok, max_batch_size=4, mode=mode, exact=True)
         try:
             if mode == "none":
                 return [await engine.submit(ids, params).collect() for ids, params in requests]
@@ -721,3 +787,69 @@ def test_the_engine_serves_a_model_at_another_precision(tok: Tokenizer, precisio
         if precision == "bf16":
             assert ids_of(d1) == ids_of(d2) and f1.text == f2.text
     assert solo[0][1].completion_tokens == 40  # past block_size: windowing works at this precision too
+
+
+def test_a_killed_decoding_process_fails_its_requests_and_later_submits(tok: Tokenizer) -> None:
+    model = scripted(tok, byte_ids(tok, b"never ending "))  # no EOS: the request runs until the child dies
+
+    async def go():
+        engine = ProcessEngine(model, tok)
+        try:
+            stream = engine.submit([5], SamplingParams(max_new_tokens=100_000))
+            await first_event(stream)
+            assert engine.alive
+            engine._proc.kill()
+            with pytest.raises(EngineError, match="decoding process ended"):
+                await stream.collect()
+            assert not engine.alive
+            with pytest.raises(EngineError, match="decoding process is gone"):
+                engine.submit([5], SamplingParams(max_new_tokens=2))
+        finally:
+            engine.close()  # after the child died: returns, nothing left
+
+    run(go())
+
+
+def test_the_decoding_process_exits_when_its_parent_is_killed(tok: Tokenizer, tmp_path) -> None:
+    """A replica killed with SIGKILL leaves no decoding process behind: the child reads end-of-file."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import asyncio, sys, time\n"
+        "import torch\n"
+        "from lmplatform.engine import ProcessEngine, SamplingParams\n"
+        "from lm.config import ModelConfig\n"
+        "from lm.model import TransformerLM\n"
+        "from lm.tokenizer import load_tokenizer\n"
+        "tok = load_tokenizer(sys.argv[1])\n"
+        "cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32)\n"
+        "engine = ProcessEngine(TransformerLM(cfg), tok)\n"
+        "async def go():\n"
+        "    engine.submit([5], SamplingParams(max_new_tokens=100_000))\n"
+        "    print(engine._proc.pid, flush=True)\n"
+        "    await asyncio.sleep(600)\n"
+        "asyncio.run(go())\n"
+    )
+    tok.save(tmp_path / "tok")
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "tok")], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    try:
+        child = int(parent.stdout.readline())
+        assert _running(child)
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(child)
+    finally:
+        parent.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 from bench.procs import cmdline, descendants
@@ -116,18 +117,29 @@ def completion_body(spec: RequestSpec, model: str | None) -> dict[str, Any]:
     return body
 
 
-async def send_streamed(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Sample:
+def http_session(timeout_s: float, connections: int = 100) -> aiohttp.ClientSession:
+    """The load generator's HTTP client: aiohttp, whose HTTP parser is C. httpx (pure Python) cost so much CPU per
+    request and chunk on this 2-core machine that at concurrency 32 most of the measured time to first token was
+    the client's own (README "Serving under load")."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections), timeout=aiohttp.ClientTimeout(total=timeout_s)
+    )
+
+
+async def send_streamed(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Sample:
     """POST a streaming completion; latency to the end of the stream, TTFT to the first non-empty text."""
     start = time.perf_counter()
     ttft = None
     tokens = chunks = 0
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                return Sample(response.status_code, time.perf_counter() - start, error=_error_text(response))
+        async with session.post(f"{url}/v1/completions", json=body) as response:
+            if response.status != 200:
+                return Sample(
+                    response.status, time.perf_counter() - start, error=_error_text(await response.text())
+                )
             done = False
-            async for line in response.aiter_lines():
+            async for raw in response.content:  # one line at a time
+                line = raw.decode()
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
@@ -148,15 +160,15 @@ async def send_streamed(client: httpx.AsyncClient, url: str, body: dict[str, Any
                     tokens = int(event["usage"].get("completion_tokens") or 0)
             if not done:
                 return Sample(200, time.perf_counter() - start, ttft, tokens, "stream ended without [DONE]")
-    except (httpx.HTTPError, json.JSONDecodeError, ValueError) as exc:
+    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError, ValueError) as exc:
         return Sample(0, time.perf_counter() - start, ttft, tokens, f"{type(exc).__name__}: {exc}"[:300])
     return Sample(200, time.perf_counter() - start, ttft, tokens or chunks)
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(text: str) -> str:
     with contextlib.suppress(ValueError, AttributeError, KeyError, TypeError):
-        return str(response.json()["error"]["message"])[:300]
-    return response.text[:300]
+        return str(json.loads(text)["error"]["message"])[:300]
+    return text[:300]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -246,8 +258,7 @@ async def run_levels(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Warm up, then each concurrency level over its planned specs; one summary dict per level."""
     levels = list(plans)
-    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits, trust_env=False) as client:
+    async with http_session(timeout_s, max(levels) + 4) as client:
 
         async def send(spec: RequestSpec) -> Sample:
             return await send_streamed(client, url, completion_body(spec, model))
@@ -335,7 +346,7 @@ async def soak(
     tally = SoakTally()
     rss_series: list[tuple[float, int | None]] = [(0.0, rss())]
     start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as client:
+    async with http_session(timeout_s) as client:
 
         async def worker(w: int) -> None:
             rng = random.Random(w)
@@ -378,16 +389,18 @@ async def soak(
     }  # fmt: skip
 
 
-async def _post(client: httpx.AsyncClient, url: str, body: Any) -> tuple[int, str | None]:
+async def _post(client: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, str | None]:
     """POST JSON (or raw bytes as JSON); (status, error or None). Status 0: no response."""
     try:
         if isinstance(body, bytes):
-            response = await client.post(url, content=body, headers={"Content-Type": "application/json"})
+            request = client.post(url, data=body, headers={"Content-Type": "application/json"})
         else:
-            response = await client.post(url, json=body)
-    except httpx.HTTPError as exc:
+            request = client.post(url, json=body)
+        async with request as response:
+            text = await response.text(errors="replace")
+    except (aiohttp.ClientError, TimeoutError) as exc:
         return 0, f"{type(exc).__name__}: {exc}"[:300]
-    return response.status_code, None if response.status_code == 200 else _error_text(response)
+    return response.status, None if response.status == 200 else _error_text(text)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -683,7 +696,7 @@ def _run_soak(
         warm = request_mix(args.warmup, 8, 8, 0.0, seed=99)
 
         async def go() -> dict[str, Any]:
-            async with httpx.AsyncClient(timeout=args.timeout, trust_env=False) as client:
+            async with http_session(args.timeout) as client:
                 for spec in warm:  # the replica's memory after warm-up is the baseline
                     await send_streamed(client, url, completion_body(spec, name))
             return await soak(

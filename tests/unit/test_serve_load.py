@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import numpy as np
 import pytest
 
@@ -24,6 +23,7 @@ from bench.serve_load import (
     SoakTally,
     closed_loop,
     completion_body,
+    http_session,
     level_plans,
     percentile,
     replica_rss,
@@ -159,7 +159,7 @@ def test_a_level_sends_every_request_once_at_the_asked_concurrency_and_counts_er
     specs = [RequestSpec("busy" if i % 5 == 0 else "ROMEO:", 4, i) for i in range(20)]
 
     async def go() -> LevelResult:
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with http_session(10) as client:
             return await closed_loop(
                 lambda s: send_streamed(client, fake, completion_body(s, None)), specs, 3, 30
             )
@@ -196,7 +196,7 @@ def test_the_time_cap_stops_a_level_by_itself(fake: str) -> None:
     specs = request_mix(100, 4, 4, 0.0)
 
     async def go() -> LevelResult:
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with http_session(10) as client:
             return await closed_loop(
                 lambda s: send_streamed(client, fake, completion_body(s, None)), specs, 1, 0.5
             )
@@ -209,7 +209,7 @@ def test_the_time_cap_stops_a_level_by_itself(fake: str) -> None:
 
 def test_stream_errors_and_dead_servers_are_failures_not_tokens(fake: str) -> None:
     async def go() -> tuple[Sample, Sample]:
-        async with httpx.AsyncClient(timeout=5) as client:
+        async with http_session(5) as client:
             broken = await send_streamed(client, fake, completion_body(RequestSpec("broken", 5, 0), None))
             dead = await send_streamed(
                 client, "http://127.0.0.1:9", completion_body(RequestSpec("a", 5, 0), None)

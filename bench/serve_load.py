@@ -470,17 +470,24 @@ def stop_process_group(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
 
 
 def replica_rss(server_pid: int) -> int | None:
-    """Resident bytes of the Serve replica: the process under ``server_pid`` whose title names LMServer.
+    """Resident bytes of the Serve replica (the process under ``server_pid`` whose title names LMServer) and of
+    its own children (the decoding process of ``serve.engine=process``).
 
     Read from /proc (Linux), so it needs no psutil; None when the replica is not found.
     """
     for pid in descendants(server_pid):
         title = cmdline(pid)
         if "ServeReplica" in title and "LMServer" in title:
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024  # kB
+            sizes = [_rss(p) for p in (pid, *descendants(pid))]
+            return sum(s for s in sizes if s is not None) if sizes[0] is not None else None
+    return None
+
+
+def _rss(pid: int) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024  # kB
     return None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -262,17 +263,22 @@ def test_targets_compare_continuous_with_the_other_modes_at_the_top_concurrency(
     assert t["continuous_ttft_p50_c32_vs_c1"] == {"ratio": pytest.approx(2.0), "target": 3.0, "met": True}
 
 
-def test_replica_rss_finds_the_replica_among_the_servers_descendants() -> None:
-    """Ray titles a replica's worker ray::ServeReplica:<app>:LMServer; here a child that says so in its argv."""
+def test_replica_rss_finds_the_replica_among_the_servers_descendants_and_counts_its_children() -> None:
+    """Ray titles a replica's worker ray::ServeReplica:<app>:LMServer; here a child that says so in its argv, with
+    a child of its own holding 64 MiB, as the decoding process does."""
+    decoder = "b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(30)"
+    replica = (
+        f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {decoder!r}]); time.sleep(30)"
+    )
     child = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(30)", "ray::ServeReplica:lmlab:LMServer"]
+        [sys.executable, "-c", replica, "ray::ServeReplica:lmlab:LMServer"], start_new_session=True
     )
     try:
         deadline = time.monotonic() + 10
-        while (rss := replica_rss(os.getpid())) is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # until the child has exec'd
-        assert rss is not None and 1 << 20 < rss < 1 << 31
+        while ((rss := replica_rss(os.getpid())) or 0) < 64 << 20 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the child has exec'd and its own child has touched its memory
+        assert rss is not None and 64 << 20 < rss < 1 << 31
         assert replica_rss(child.pid) is None  # no replica under it
     finally:
-        child.kill()
+        os.killpg(child.pid, signal.SIGKILL)
         child.wait()

@@ -90,10 +90,12 @@ class PoisonedLM(ScriptedLM):
         return super().forward_rows(idx, *args, **kw)
 
 
-def scripted(tok: Tokenizer, script: list[int], extra_ids: int = 0) -> ScriptedLM:
+def scripted(
+    tok: Tokenizer, script: list[int], extra_ids: int = 0, cls: type[ScriptedLM] = ScriptedLM
+) -> ScriptedLM:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size + extra_ids, block_size=BLOCK, n_layer=1, n_head=2, n_embd=32)
-    return ScriptedLM(cfg, script).eval()
+    return cls(cfg, script).eval()
 
 
 def byte_ids(tok: Tokenizer, data: bytes) -> list[int]:
@@ -589,9 +591,7 @@ class SlowDecodeLM(ScriptedLM):
 def test_a_new_requests_first_token_is_sent_before_the_batchs_decode_step(
     engine_class: type[Engine], tok: Tokenizer
 ) -> None:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=1, n_head=2, n_embd=32)
-    model = SlowDecodeLM(cfg, byte_ids(tok, b"abcdefghij")).eval()
+    model = scripted(tok, byte_ids(tok, b"abcdefghij"), cls=SlowDecodeLM)
 
     async def go():
         engine = engine_class(model, tok, max_batch_size=4)
@@ -679,9 +679,7 @@ def test_unseeded_requests_differ_and_close_cancels_what_is_left(
 def test_a_failing_model_fails_its_requests_and_the_engine_keeps_serving(
     engine_class: type[Engine], tok: Tokenizer
 ) -> None:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=1, n_head=2, n_embd=32)
-    model = PoisonedLM(cfg, byte_ids(tok, b"ok")).eval()
+    model = scripted(tok, byte_ids(tok, b"ok"), cls=PoisonedLM)
 
     async def go():
         engine = engine_class(model, tok)

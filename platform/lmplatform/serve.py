@@ -53,6 +53,9 @@ _SSE = "text/event-stream"
 # proxy (slow at high concurrency, ray#52745) and an SSE event the client parses; per decode step, that work grew
 # with the batch and took the CPU the batch needed.
 _STREAM_FLUSH_S = 0.1
+# Serve restarts a replica after 3 failed health checks in a row (LMServer.check_health: its decoding engine
+# stopped); Serve's default period is 10 s.
+_HEALTH_CHECK_PERIOD_S = 2.0
 # OpenAI fields this server accepts only at their neutral value (it has no penalties, suffixes or best_of).
 _NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "suffix": None, "logit_bias": None}
 _COMPLETION_FIELDS = {
@@ -714,12 +717,18 @@ class LMServer:
         ]  # an empty prompt starts from end-of-text, as `lm generate` does
 
     def _open(self, prompt_ids: list[int], params: Any) -> Any:
-        from lmplatform.engine import EngineFull
+        from lmplatform.engine import EngineError, EngineFull
 
         if self.engine is None:
             return _StaticStream(self, prompt_ids, params)
         try:
             return self.engine.submit(prompt_ids, params)
+        except EngineError as exc:  # the decoding process died: Serve's health check restarts this replica
+            raise RequestError(
+                f"the model is not available ({exc}); the replica is restarting, retry after "
+                f"{self.cfg.retry_after_s}s", None, "engine_unavailable", 503, "server_error",
+                {"Retry-After": str(self.cfg.retry_after_s)},
+            ) from None  # fmt: skip
         except EngineFull as exc:
             cfg = self.cfg
             raise RequestError(
@@ -1029,6 +1038,7 @@ def build_app(settings: ServerSettings) -> serve.Application:
         num_replicas=cfg.replicas,
         ray_actor_options=actor,
         max_ongoing_requests=ongoing + 4,  # + room for /healthz and /metrics
+        health_check_period_s=_HEALTH_CHECK_PERIOD_S,  # a dead decoding process: restarted in 3 periods
         max_queued_requests=queued,
         backpressure_config={"status_code": cfg.backpressure_status, "retry_after_s": cfg.retry_after_s},
     )

@@ -2,11 +2,13 @@
 
 The served model is a seeded, untrained toy checkpoint (loading by path); what is tested is the command's life
 cycle: it prints the URL, the model and a curl example, refuses a taken port, serves with bearer auth from
-LMLAB_API_KEY, and stops on `lm serve --stop` (SIGTERM) with exit 0, leaving no process and no pid file behind.
+LMLAB_API_KEY, and stops on `lm serve --stop` (SIGTERM) with exit 0, leaving no process and no pid file behind;
+a replica whose decoding process is killed answers 503 until Serve's health check has restarted it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -89,6 +91,7 @@ def test_lm_serve_runs_in_the_foreground_and_stops_cleanly(
         assert family
         replicas = [p for p in family if cmdline(p).startswith("ray::ServeReplica")]
         assert replicas and {nice_of(p) for p in replicas} == {nice_of(server.pid)}  # not Ray's nice 15
+        assert len(_decoders(replicas[0])) == 1  # serve.engine=auto on the CPU: decoding in a child process
         # serve.ingress=auto with its own Ray and one replica: the replica itself listens on the port, no proxy
         assert "1 replica(s), direct ingress (the replica serves HTTP)" in out
         assert listener_of(port, family) in replicas
@@ -239,3 +242,57 @@ def test_lm_serve_on_a_shared_cluster_never_takes_over_another_app(
         if server is not None and server.poll() is None:
             server.kill()
         serve.shutdown()
+
+
+def _decoders(replica: int) -> list[int]:
+    """The replica's decoding process (serve.engine=process)."""
+    return [p for p in descendants(replica) if "_child_main" in cmdline(p) and _alive(p)]
+
+
+def test_a_killed_decoding_process_gets_503_then_serve_restarts_the_replica(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    args = ["serve", "--model", str(checkpoint), "--port", str(port), "serve.num_cpus=0.5", "serve.threads=1"]
+    server, log = _start(tmp_path, "serve", [*args, f"serve.pid_file={tmp_path / 'serve.pid'}"], _env())
+    url = f"http://127.0.0.1:{port}"
+    body = {"prompt": "ROMEO:", "max_tokens": 4}
+    try:
+        _wait_for(server, log, "curl -s")
+        family = descendants(server.pid)
+        (replica,) = [p for p in family if cmdline(p).startswith("ray::ServeReplica")]
+        (decoder,) = _decoders(replica)
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+
+        os.kill(decoder, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (r := httpx.post(f"{url}/v1/completions", json=body)).status_code == 200:
+            assert time.monotonic() < deadline, "the replica still answers 200 after its decoder died"
+            time.sleep(0.05)  # until the replica has read the end of its decoder's socket
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"]["code"] == "engine_unavailable"
+        assert httpx.get(f"{url}/healthz").status_code == 200  # /healthz stays open; Serve's own check fails
+
+        deadline = time.monotonic() + 120  # 3 failed health checks 2 s apart, then a new replica starts
+        while True:
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, (
+                f"no recovery: {r.status_code if r else None}\n{log.read_text()}"
+            )
+            with contextlib.suppress(httpx.HTTPError):
+                r = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
+                if r.status_code == 200:
+                    break
+            time.sleep(0.5)
+        assert len(r.json()["choices"][0]["text"]) > 0
+        (new_replica,) = [p for p in descendants(server.pid) if cmdline(p).startswith("ray::ServeReplica")]
+        assert new_replica != replica and not _alive(replica) and len(_decoders(new_replica)) == 1
+        family |= descendants(server.pid)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=60)
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 0, log.read_text()
+    assert not _all_gone(family)  # both replicas and both decoding processes, and Ray

@@ -425,7 +425,10 @@ class ProcessEngine:
         self._vocab = model.cfg.vocab_size
         self._streams: dict[int, RequestStream] = {}  # submitted, not finished yet
         self._ids = itertools.count()
-        self._lock = threading.Lock()  # the socket's sending side and _streams
+        # Two locks: the reader thread takes only _lock, never the sending one, so it keeps draining the child's
+        # events while a sender waits for room in the socket (the child reads again after its send): no deadlock.
+        self._lock = threading.Lock()  # _streams, _alive, _closed
+        self._send_lock = threading.Lock()  # one whole message at a time on the socket
         self._closed = False
         self._alive = False
         self._stats: dict[str, float] = {}
@@ -474,8 +477,13 @@ class ProcessEngine:
                 )
             rid = next(self._ids)
             stream = RequestStream(loop, functools.partial(self._cancel, rid), self.stream_interval)
-            self._send(("submit", rid, prompt, params, time.perf_counter()))
             self._streams[rid] = stream
+        try:
+            self._send(("submit", rid, prompt, params, time.perf_counter()))
+        except EngineError:
+            with self._lock:
+                self._streams.pop(rid, None)
+            raise
         return stream
 
     @property
@@ -500,23 +508,26 @@ class ProcessEngine:
             if self._closed:
                 return
             self._closed = True
-            with contextlib.suppress(EngineError):  # a child that died already: nothing to tell
-                self._send(("close",))
+        with contextlib.suppress(EngineError):  # a child that died already: nothing to tell
+            self._send(("close",))
         self._reader.join(timeout=60)  # the child sends its last events, then exits: end-of-file
         self._stop_child()
 
     def _send(self, message: tuple[Any, ...]) -> None:
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         try:
-            self._conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+            with self._send_lock:
+                self._conn.send_bytes(data)
         except OSError as exc:
             self._alive = False
             raise EngineError("the decoding process is gone") from exc
 
     def _cancel(self, rid: int) -> None:
         with self._lock:
-            if self._alive and rid in self._streams:
-                with contextlib.suppress(EngineError):
-                    self._send(("cancel", rid))
+            wanted = self._alive and rid in self._streams
+        if wanted:
+            with contextlib.suppress(EngineError):
+                self._send(("cancel", rid))
 
     def _read(self) -> None:
         try:

@@ -586,6 +586,14 @@ def playground_page() -> tuple[bytes, str]:
     return html.encode(), csp
 
 
+def engine_kind(cfg: ServeConfig, device: str) -> str:
+    """Where a replica decodes (``serve.engine``): process or thread; auto is process on the CPU, thread on a GPU
+    (where the child process is untested); "" while ``device`` is still auto."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    return {"cpu": "process", "cuda": "thread"}.get(device, "")
+
+
 # The deployment comes after every helper it calls: serve.ingress copies the class when it is defined, with
 # the module globals that exist at that moment.
 @serve.deployment(name="LMServer")
@@ -629,7 +637,7 @@ class LMServer:
             self._static_batch.set_max_batch_size(cfg.max_batch_size)
             self._static_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         else:
-            engine = cfg.engine if cfg.engine != "auto" else ("process" if device == "cpu" else "thread")
+            engine = engine_kind(cfg, device)
             options = dict(
                 max_batch_size=cfg.max_batch_size, max_waiting=cfg.max_queued_requests, mode=cfg.batching,
                 stream_interval=_STREAM_FLUSH_S,
@@ -640,7 +648,10 @@ class LMServer:
                 )
             else:
                 self.engine = Engine(self.served.model, self.tokenizer, **options)
-        log.info("replica ready: %s (%s batching, %s, %s)", self.name, cfg.batching, device, cfg.precision)
+        log.info(
+            "replica ready: %s (%s batching, %s, %s, engine %s)", self.name, cfg.batching, device, cfg.precision,
+            "none" if self.engine is None else type(self.engine).__name__,
+        )  # fmt: skip
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose decoding engine stopped is restarted."""
@@ -1221,8 +1232,11 @@ def serve_foreground(settings: ServerSettings, ray_address: str | None, print_fn
             auth = f' -H "Authorization: Bearer {"<serve.api_key>" if cfg.api_key else "$" + API_KEY_ENV}"'
         auth_on = f", bearer auth on (key: {key_from})" if key_from else ""
         ingress = "direct ingress (the replica serves HTTP)" if direct else "Serve's HTTP proxy"
+        engine = {"process": ", decoding in a child process", "thread": ", decoding in a thread"}.get(
+            engine_kind(cfg, cfg.device) if cfg.batching != "static" else "", ""
+        )  # unknown until a replica resolves serve.device=auto
         print_fn(
-            f"  {cfg.batching} batching ({batch}), {cfg.replicas} replica(s), {ingress}{auth_on}; Ctrl-C or "
+            f"  {cfg.batching} batching ({batch}), {cfg.replicas} replica(s), {ingress}{engine}{auth_on}; Ctrl-C or "
             "`lm serve --stop` stops it",
             flush=True,
         )

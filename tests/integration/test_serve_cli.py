@@ -93,7 +93,7 @@ def test_lm_serve_runs_in_the_foreground_and_stops_cleanly(
         assert replicas and {nice_of(p) for p in replicas} == {nice_of(server.pid)}  # not Ray's nice 15
         assert len(_decoders(replicas[0])) == 1  # serve.engine=auto on the CPU: decoding in a child process
         # serve.ingress=auto with its own Ray and one replica: the replica itself listens on the port, no proxy
-        assert "1 replica(s), direct ingress (the replica serves HTTP)" in out
+        assert "1 replica(s), direct ingress (the replica serves HTTP), decoding in a child process" in out
         assert listener_of(port, family) in replicas
 
         assert httpx.get(f"{url}/healthz").status_code == 200

@@ -30,6 +30,7 @@ from lmplatform.serve import (
     check_pid_file,
     check_resources,
     direct_ingress_env,
+    engine_kind,
     parse_completion,
     parse_generate,
     parse_json,
@@ -150,6 +151,16 @@ def test_replicas_the_cluster_cannot_place_are_refused_naming_the_keys() -> None
         check_resources(ServeConfig(device="cuda"), {"CPU": 2.0})
     check_resources(ServeConfig(replicas=4, num_cpus=0.5), {"CPU": 2.0})
     check_resources(ServeConfig(device="cuda"), {"CPU": 2.0, "GPU": 1.0})
+
+
+def test_decoding_runs_in_a_child_process_on_the_cpu_unless_asked_otherwise() -> None:
+    assert engine_kind(ServeConfig(), "cpu") == "process"
+    assert engine_kind(ServeConfig(device="cuda"), "cuda") == "thread"  # the child path is untested on a GPU
+    assert engine_kind(ServeConfig(device="auto"), "auto") == ""  # a replica resolves it
+    assert engine_kind(ServeConfig(engine="thread"), "cpu") == "thread"
+    assert engine_kind(ServeConfig(engine="process", device="cuda"), "cuda") == "process"
+    with pytest.raises(ConfigError, match=r"serve.engine='fork' is not allowed"):
+        ServeConfig(engine="fork")
 
 
 def test_direct_ingress_only_where_lm_serve_owns_the_cluster_and_the_port() -> None:

@@ -160,7 +160,12 @@ async def send_streamed(session: aiohttp.ClientSession, url: str, body: dict[str
                     tokens = int(event["usage"].get("completion_tokens") or 0)
             if not done:
                 return Sample(200, time.perf_counter() - start, ttft, tokens, "stream ended without [DONE]")
-    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError, ValueError) as exc:
+    except (
+        aiohttp.ClientError,
+        asyncio.TimeoutError,
+        json.JSONDecodeError,
+        ValueError,
+    ) as exc:  # not TimeoutError on 3.10
         return Sample(0, time.perf_counter() - start, ttft, tokens, f"{type(exc).__name__}: {exc}"[:300])
     return Sample(200, time.perf_counter() - start, ttft, tokens or chunks)
 
@@ -398,7 +403,7 @@ async def _post(client: aiohttp.ClientSession, url: str, body: Any) -> tuple[int
             request = client.post(url, json=body)
         async with request as response:
             text = await response.text(errors="replace")
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         return 0, f"{type(exc).__name__}: {exc}"[:300]
     return response.status, None if response.status == 200 else _error_text(text)
 

@@ -1,4 +1,5 @@
-"""Continuous (iteration-level) batching for serving: one scheduler thread owns a batched KV cache.
+"""Continuous (iteration-level) batching for serving: one scheduler owns a batched KV cache, in a thread of this
+process (``Engine``) or in a child process (``ProcessEngine``).
 
 At every decode step the scheduler admits waiting requests into free rows (prefill), advances every live
 row by one token in one forward (rows at different positions, ``lm.generate.BatchDecoder``), and retires rows
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -131,6 +133,10 @@ class EngineFull(RuntimeError):
 
 class EngineError(RuntimeError):
     """Decoding failed inside the engine (raised by the stream of every request it was decoding)."""
+
+
+class EngineGone(EngineError):
+    """The decoding process is gone: its requests fail, and so does every later submit, until a restart."""
 
 
 Event = Delta | Finished
@@ -246,7 +252,7 @@ class RequestStream:
         try:
             self._loop.call_soon_threadsafe(self.put, list(events))
         except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-            self._cancelled.set()
+            self.cancel()
 
 
 def _join(deltas: list[Delta]) -> Delta:
@@ -266,7 +272,7 @@ def _deliver(results: Sequence[tuple[RequestStream, Sequence[Event | BaseExcepti
             loop.call_soon_threadsafe(_put_all, batch)
         except RuntimeError:  # that event loop is closed: nobody is listening any more
             for stream, _ in batch:
-                stream._cancelled.set()
+                stream.cancel()  # frees the row, also in a decoding process
 
 
 def _put_all(batch: list[tuple[RequestStream, Sequence[Event | BaseException]]]) -> None:
@@ -439,6 +445,9 @@ class ProcessEngine:
                 [sys.executable, "-c", _CHILD_BOOTSTRAP, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
             )  # fmt: skip
+        except BaseException:
+            self._conn.close()
+            raise
         finally:
             theirs.close()
         try:
@@ -469,7 +478,7 @@ class ProcessEngine:
         prompt = _checked_prompt(prompt_ids, params, self._vocab)
         with self._lock:
             if not self._alive or self._closed:
-                raise EngineError("the engine is closed" if self._closed else "the decoding process is gone")
+                raise EngineGone("the engine is closed" if self._closed else "the decoding process is gone")
             if len(self._streams) >= self.max_waiting + self._rows:  # every row busy, max_waiting waiting
                 raise EngineFull(
                     f"{len(self._streams) - self._rows} requests are waiting for a row already "
@@ -520,7 +529,7 @@ class ProcessEngine:
                 self._conn.send_bytes(data)
         except OSError as exc:
             self._alive = False
-            raise EngineError("the decoding process is gone") from exc
+            raise EngineGone("the decoding process is gone") from exc
 
     def _cancel(self, rid: int) -> None:
         with self._lock:
@@ -557,8 +566,10 @@ class ProcessEngine:
                 orphans = list(self._streams.values())
                 self._streams.clear()
             if orphans:
-                code = self._proc.poll()
-                error = EngineError(f"the decoding process ended (exit code {code}) before these requests")
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(timeout=1)  # it closed its end as it exited: its exit code is near
+                code = self._proc.returncode
+                error = EngineGone(f"the decoding process ended (exit code {code}) before these requests")
                 _deliver([(stream, [error]) for stream in orphans])
 
     def _stop_child(self, wait_s: float = 30.0) -> None:
@@ -600,7 +611,12 @@ def _child_main(conn: Connection) -> None:
     """The decoding process: ``Engine._run``'s loop, with messages from the parent instead of calls."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is the parent's to handle
     try:
-        setup = pickle.loads(conn.recv_bytes())
+        with warnings.catch_warnings():  # an int8 model's unpickling repeats what lm.precision silenced
+            warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated")
+            warnings.filterwarnings(
+                "ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel"
+            )
+            setup = pickle.loads(conn.recv_bytes())
         torch.set_num_threads(setup["threads"])
         core = _Core(setup["model"], setup["tokenizer"], setup["max_rows"], setup["exact"])
     except Exception as exc:

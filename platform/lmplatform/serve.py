@@ -699,12 +699,16 @@ class LMServer:
 
     async def _answer(self, endpoint: str, request: Request, handler: Any, body: bool = True) -> Response:
         """Auth, body, handler; every refusal as a JSON error; count the outcome."""
+        from lmplatform.engine import EngineGone
+
         start = time.perf_counter()
         try:
             self._check_auth(request)
             response = await handler(await self._read_json(request), start) if body else await handler()
         except RequestError as exc:
             response = exc.response()
+        except EngineGone as exc:  # at submit or while decoding: Serve's health check restarts this replica
+            response = self._unavailable(exc).response()
         except Exception as exc:  # a bug, not the client's fault: still JSON, still counted
             log.exception("%s failed", endpoint)
             response = RequestError(
@@ -713,6 +717,12 @@ class LMServer:
         if not isinstance(response, StreamingResponse):  # a stream counts itself when it ends
             self.metrics.answered(endpoint, response.status_code, time.perf_counter() - start)
         return response
+
+    def _unavailable(self, exc: Exception) -> RequestError:
+        return RequestError(
+            f"the model is not available ({exc}); the replica is restarting, retry after {self.cfg.retry_after_s}s",
+            None, "engine_unavailable", 503, "server_error", {"Retry-After": str(self.cfg.retry_after_s)},
+        )  # fmt: skip
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
@@ -728,18 +738,12 @@ class LMServer:
         ]  # an empty prompt starts from end-of-text, as `lm generate` does
 
     def _open(self, prompt_ids: list[int], params: Any) -> Any:
-        from lmplatform.engine import EngineError, EngineFull
+        from lmplatform.engine import EngineFull
 
         if self.engine is None:
             return _StaticStream(self, prompt_ids, params)
         try:
             return self.engine.submit(prompt_ids, params)
-        except EngineError as exc:  # the decoding process died: Serve's health check restarts this replica
-            raise RequestError(
-                f"the model is not available ({exc}); the replica is restarting, retry after "
-                f"{self.cfg.retry_after_s}s", None, "engine_unavailable", 503, "server_error",
-                {"Retry-After": str(self.cfg.retry_after_s)},
-            ) from None  # fmt: skip
         except EngineFull as exc:
             cfg = self.cfg
             raise RequestError(
@@ -798,7 +802,9 @@ class LMServer:
 
     @app.get("/healthz")
     async def healthz(self) -> Response:
-        """Liveness, open even with auth on."""
+        """Whether this replica can serve (503 while its decoding process is gone), open even with auth on."""
+        if self.engine is not None and not self.engine.alive:
+            return JSONResponse({"status": "unavailable", "model": self.name}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.name})
 
     @app.get("/")
@@ -1010,15 +1016,20 @@ class LMServer:
                         yield b"".join(pending)
                         pending, flushed = [], time.monotonic()
             except Exception as exc:  # after the first byte the status is sent: tell the client in-band
-                log.exception("%s stream failed", endpoint)
-                status = 500
-                error = RequestError(
-                    f"internal error: {type(exc).__name__}: {exc}",
-                    None,
-                    "internal_error",
-                    500,
-                    "server_error",
-                )
+                from lmplatform.engine import EngineGone
+
+                if isinstance(exc, EngineGone):  # not a bug: the replica is restarting
+                    error = self._unavailable(exc)
+                else:
+                    log.exception("%s stream failed", endpoint)
+                    error = RequestError(
+                        f"internal error: {type(exc).__name__}: {exc}",
+                        None,
+                        "internal_error",
+                        500,
+                        "server_error",
+                    )
+                status = error.status
                 pending.append(_sse_line(error.body()))
             finally:
                 for s in streams:

@@ -9,6 +9,7 @@ a replica whose decoding process is killed answers 503 until Serve's health chec
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -264,14 +265,22 @@ def test_a_killed_decoding_process_gets_503_then_serve_restarts_the_replica(
         (decoder,) = _decoders(replica)
         assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
 
-        os.kill(decoder, signal.SIGKILL)
+        long = {"prompt": "ROMEO:", "max_tokens": 1000, "stream": True, "seed": 1}  # seeded: no early EOS
+        with httpx.stream("POST", f"{url}/v1/completions", json=long, timeout=30) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))  # decoding has started
+            os.kill(decoder, signal.SIGKILL)
+            events = [json.loads(line[5:]) for line in lines if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "engine_unavailable", events[-1]  # in-band, after the 200
+
         deadline = time.monotonic() + 10
         while (r := httpx.post(f"{url}/v1/completions", json=body)).status_code == 200:
             assert time.monotonic() < deadline, "the replica still answers 200 after its decoder died"
             time.sleep(0.05)  # until the replica has read the end of its decoder's socket
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
         assert r.json()["error"]["code"] == "engine_unavailable"
-        assert httpx.get(f"{url}/healthz").status_code == 200  # /healthz stays open; Serve's own check fails
+        health = httpx.get(f"{url}/healthz")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"  # for load balancers
 
         deadline = time.monotonic() + 120  # 3 failed health checks 2 s apart, then a new replica starts
         while True:

@@ -851,3 +851,23 @@ def _running(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+@ENGINES
+def test_a_request_whose_event_loop_closed_frees_its_row(engine_class: type[Engine], tok: Tokenizer) -> None:
+    """Nobody can read it any more: the next step's delivery fails and cancels it, in a child process too."""
+    model = scripted(tok, byte_ids(tok, b"never ending "))  # no EOS: only a cancel ends it
+    engine = engine_class(model, tok)
+    try:
+
+        async def go():
+            await first_event(engine.submit([5], SamplingParams(max_new_tokens=100_000)))
+
+        run(go())  # returns with the request still decoding, then closes its event loop
+        deadline = time.monotonic() + 20
+        while engine.stats()["running"] > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = engine.stats()
+        assert stats["running"] == 0 and stats["requests_cancelled"] == 1, stats
+    finally:
+        engine.close()

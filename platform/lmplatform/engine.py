@@ -238,21 +238,13 @@ class RequestStream:
         raise EngineError("the stream ended without a Finished event")
 
     def put(self, events: Sequence[Event | BaseException]) -> None:
-        """Append events; call on the stream's event loop (``_push`` from any other thread)."""
+        """Append events; call on the stream's event loop (``_deliver`` from any other thread)."""
         if not events or self._ready is None or self._ended is None:
             return
         self._items.extend(events)
         self._ready.set()
         if isinstance(events[-1], (Finished, BaseException)):
             self._ended.set()
-
-    def _push(self, events: Sequence[Event | BaseException]) -> None:
-        if self._loop is None or not events:
-            return
-        try:
-            self._loop.call_soon_threadsafe(self.put, list(events))
-        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
-            self.cancel()
 
 
 def _join(deltas: list[Delta]) -> Delta:
@@ -372,23 +364,11 @@ class Engine:
                 if self._closed:
                     self._waiting.extendleft(reversed(admit))  # ended below with the rest
                     break
-            try:
-                results = core.step(admit, first=self._deliver)
-            except Exception as exc:  # a bug or a device error: fail these requests, keep serving others
-                log.exception("engine step failed")
-                error = EngineError(f"decoding failed: {type(exc).__name__}: {exc}")
-                for request in [*core.rows.values(), *admit]:
-                    request.stream._push([error])
-                core.drop_all()
-                self._busy = 0
-                continue
-            self._deliver(results)
+            _step(core, admit, self._deliver)
         with self._wake:
             leftover = list(self._waiting)
             self._waiting.clear()
-        for request in [*core.rows.values(), *leftover]:
-            request.stream._push(core.finish(request, "cancelled"))
-        core.drop_all()
+        self._deliver(_cancel_all(core, leftover))
 
 
 class ProcessEngine:
@@ -661,23 +641,37 @@ def _child_main(conn: Connection) -> None:
             admit, gone = _admissions(core, waiting)
             if gone:
                 send(gone)
-            if not (admit or core.rows):
-                continue
-            try:
-                results = core.step(admit, first=send)
-            except Exception as exc:  # a bug or a device error: fail these requests, keep serving others
-                log.exception("engine step failed")
-                error = EngineError(f"decoding failed: {type(exc).__name__}: {exc}")
-                failed = [(r, [error]) for r in [*core.rows.values(), *admit]]
-                core.drop_all()
-                send(failed)
-                continue
-            send(results)
-        send([(r, core.finish(r, "cancelled")) for r in [*core.rows.values(), *waiting]])
+            if admit or core.rows:
+                _step(core, admit, send)
+        send(_cancel_all(core, waiting))
     except (EOFError, OSError):
         pass  # the parent is gone: nobody to tell
     finally:
         conn.close()
+
+
+def _step(
+    core: _Core, admit: list[_Request], deliver: Callable[[list[tuple[_Request, list[Any]]]], None]
+) -> None:
+    """One scheduler step (both engines): ``deliver`` gets the new rows' first tokens, then the step's events.
+    A bug or a device error fails every request in a row, and the engine keeps serving the next ones."""
+    try:
+        results = core.step(admit, first=deliver)
+    except Exception as exc:
+        log.exception("engine step failed")
+        error = EngineError(f"decoding failed: {type(exc).__name__}: {exc}")
+        failed = [(r, [error]) for r in [*core.rows.values(), *admit]]
+        core.drop_all()  # before delivering: whoever reads the error sees the rows free
+        deliver(failed)
+        return
+    deliver(results)
+
+
+def _cancel_all(core: _Core, waiting: Sequence[_Request]) -> list[tuple[_Request, list[Any]]]:
+    """The "cancelled" ends of every running and waiting request, as the engine closes; frees every row."""
+    ended = [(r, core.finish(r, "cancelled")) for r in [*core.rows.values(), *waiting]]
+    core.drop_all()
+    return ended
 
 
 def _stats(core: _Core, waiting: int, running: int) -> dict[str, float]:

@@ -21,6 +21,15 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs: it exists and is not a zombie (exited, not reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def cmdline(pid: int) -> str:
     """A process's command line ('' once it is gone); Ray's workers show their role: ray::ServeReplica..."""
     try:

@@ -22,7 +22,7 @@ import pytest
 import torch
 from lmplatform.config import load_platform_config
 
-from bench.procs import cmdline, descendants
+from bench.procs import alive, cmdline, descendants
 from lm.checkpoint import save_checkpoint
 from lm.model import TransformerLM
 from lm.tokenizer import train_tokenizer
@@ -41,14 +41,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, small_text: str) -> Pat
     cfg, _ = load_platform_config(None, TINY, base_dir=root)
     torch.manual_seed(0)
     return save_checkpoint(root / "ckpt", TransformerLM(cfg.model), cfg, tokenizer, {"step": 0})
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -119,10 +111,8 @@ def test_lm_serve_runs_in_the_foreground_and_stops_cleanly(
         assert server.wait(timeout=60) == 0
         assert "SIGTERM: shutting Serve and Ray down" in (tmp_path / "serve.log").read_text()
         assert not pid_file.exists()
-        deadline = time.monotonic() + 30
-        while (alive := [p for p in family if _alive(p)]) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not alive, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in alive if _alive(p)]
+        left = _all_gone(family)
+        assert not left, [cmdline(p)[:80] for p in left if alive(p)]
     finally:
         if server.poll() is None:
             server.kill()
@@ -152,9 +142,9 @@ def _wait_for(server: subprocess.Popen, log: Path, needle: str, timeout: float =
 
 def _all_gone(family: set[int], timeout: float = 30) -> list[int]:
     deadline = time.monotonic() + timeout
-    while (alive := [p for p in family if _alive(p)]) and time.monotonic() < deadline:
+    while (left := [p for p in family if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    return alive
+    return left
 
 
 def test_lm_serve_refuses_what_it_cannot_place_and_one_sigint_aborts_a_startup(
@@ -247,7 +237,7 @@ def test_lm_serve_on_a_shared_cluster_never_takes_over_another_app(
 
 def _decoders(replica: int) -> list[int]:
     """The replica's decoding process (serve.engine=process)."""
-    return [p for p in descendants(replica) if "_child_main" in cmdline(p) and _alive(p)]
+    return [p for p in descendants(replica) if "_child_main" in cmdline(p) and alive(p)]
 
 
 def test_a_killed_decoding_process_gets_503_then_serve_restarts_the_replica(
@@ -295,7 +285,7 @@ def test_a_killed_decoding_process_gets_503_then_serve_restarts_the_replica(
             time.sleep(0.5)
         assert len(r.json()["choices"][0]["text"]) > 0
         (new_replica,) = [p for p in descendants(server.pid) if cmdline(p).startswith("ray::ServeReplica")]
-        assert new_replica != replica and not _alive(replica) and len(_decoders(new_replica)) == 1
+        assert new_replica != replica and not alive(replica) and len(_decoders(new_replica)) == 1
         family |= descendants(server.pid)
     finally:
         server.send_signal(signal.SIGTERM)

@@ -26,6 +26,7 @@ from lmplatform.engine import (
     token_bytes,
 )
 
+from bench.procs import alive
 from lm.config import ModelConfig
 from lm.model import RowKVCache, TransformerLM
 from lm.tokenizer import Tokenizer, train_tokenizer
@@ -834,23 +835,15 @@ def test_the_decoding_process_exits_when_its_parent_is_killed(tok: Tokenizer, tm
     )  # fmt: skip
     try:
         child = int(parent.stdout.readline())
-        assert _running(child)
+        assert alive(child)
         parent.kill()
         parent.wait(timeout=10)
         deadline = time.monotonic() + 20
-        while _running(child) and time.monotonic() < deadline:
+        while alive(child) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _running(child)
+        assert not alive(child)
     finally:
         parent.kill()
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False
 
 
 @ENGINES

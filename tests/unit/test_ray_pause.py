@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from bench.procs import descendants
+from bench.procs import alive, descendants
 from bench.ray_pause import hold, last_step, pair_ratios
 
 
@@ -73,3 +73,14 @@ def test_last_step_reads_lm_progress_lines_only() -> None:
 def test_pair_ratios_divide_each_running_phase_by_its_neighbour() -> None:
     assert pair_ratios([9.0, 12.0], [10.0, 12.0, 13.0]) == [0.9, 1.0]
     assert pair_ratios([9.0], [0.0]) == []
+
+
+def test_alive_is_false_for_a_zombie_and_for_a_pid_that_is_gone() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert alive(os.getpid())
+    deadline = time.monotonic() + 10
+    while alive(child.pid) and time.monotonic() < deadline:  # exited, not reaped: a zombie
+        time.sleep(0.02)
+    assert not alive(child.pid) and _state(child.pid) == "Z"
+    child.wait()
+    assert not alive(child.pid)  # reaped: no /proc entry

@@ -699,30 +699,33 @@ class LMServer:
 
     async def _answer(self, endpoint: str, request: Request, handler: Any, body: bool = True) -> Response:
         """Auth, body, handler; every refusal as a JSON error; count the outcome."""
-        from lmplatform.engine import EngineGone
-
         start = time.perf_counter()
         try:
             self._check_auth(request)
             response = await handler(await self._read_json(request), start) if body else await handler()
         except RequestError as exc:
             response = exc.response()
-        except EngineGone as exc:  # at submit or while decoding: Serve's health check restarts this replica
-            response = self._unavailable(exc).response()
-        except Exception as exc:  # a bug, not the client's fault: still JSON, still counted
-            log.exception("%s failed", endpoint)
-            response = RequestError(
-                f"internal error: {type(exc).__name__}: {exc}", None, "internal_error", 500, "server_error"
-            ).response()
+        except Exception as exc:  # not the client's fault: still JSON, still counted
+            response = self._server_error(exc, endpoint).response()
         if not isinstance(response, StreamingResponse):  # a stream counts itself when it ends
             self.metrics.answered(endpoint, response.status_code, time.perf_counter() - start)
         return response
 
-    def _unavailable(self, exc: Exception) -> RequestError:
+    def _server_error(self, exc: Exception, endpoint: str) -> RequestError:
+        """A failure that is not the client's: 503 while the decoding process is gone (Serve's health check
+        restarts this replica), else a bug: 500 internal_error, logged with its traceback."""
+        from lmplatform.engine import EngineGone
+
+        if isinstance(exc, EngineGone):
+            return RequestError(
+                f"the model is not available ({exc}); the replica is restarting, retry after "
+                f"{self.cfg.retry_after_s}s", None, "engine_unavailable", 503, "server_error",
+                {"Retry-After": str(self.cfg.retry_after_s)},
+            )  # fmt: skip
+        log.error("%s failed", endpoint, exc_info=exc)
         return RequestError(
-            f"the model is not available ({exc}); the replica is restarting, retry after {self.cfg.retry_after_s}s",
-            None, "engine_unavailable", 503, "server_error", {"Retry-After": str(self.cfg.retry_after_s)},
-        )  # fmt: skip
+            f"internal error: {type(exc).__name__}: {exc}", None, "internal_error", 500, "server_error"
+        )
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
@@ -1016,19 +1019,7 @@ class LMServer:
                         yield b"".join(pending)
                         pending, flushed = [], time.monotonic()
             except Exception as exc:  # after the first byte the status is sent: tell the client in-band
-                from lmplatform.engine import EngineGone
-
-                if isinstance(exc, EngineGone):  # not a bug: the replica is restarting
-                    error = self._unavailable(exc)
-                else:
-                    log.exception("%s stream failed", endpoint)
-                    error = RequestError(
-                        f"internal error: {type(exc).__name__}: {exc}",
-                        None,
-                        "internal_error",
-                        500,
-                        "server_error",
-                    )
+                error = self._server_error(exc, f"{endpoint} stream")
                 status = error.status
                 pending.append(_sse_line(error.body()))
             finally:

@@ -44,10 +44,10 @@ def tok(small_text: str) -> Tokenizer:
     return train_tokenizer([small_text], vocab_size=320)
 
 
-def tiny(tok: Tokenizer, seed: int = 0) -> TransformerLM:
+def tiny(tok: Tokenizer, seed: int = 0, cls: type[TransformerLM] = TransformerLM) -> TransformerLM:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32)
-    return TransformerLM(cfg).eval()
+    return cls(cfg).eval()
 
 
 class ScriptedLM(TransformerLM):
@@ -658,9 +658,7 @@ def test_engine_refuses_bad_setup_and_bad_prompts(engine_class: type[Engine], to
 def test_unseeded_requests_differ_and_close_cancels_what_is_left(
     engine_class: type[Engine], tok: Tokenizer
 ) -> None:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32)
-    model = NoEosLM(cfg).eval()
+    model = tiny(tok, cls=NoEosLM)
     model.eos_id = tok.eos_id  # never ends by itself
 
     async def go():

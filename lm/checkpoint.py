@@ -2,8 +2,9 @@
 
 A checkpoint is a directory::
 
-    model.safetensors   weights only (what evaluation, MLflow and Serve load)
-    trainer.pt          optimizer, scaler, step, sampler position, RNG states (loaded with weights_only=True)
+    model.safetensors   weights only (what evaluation, MLflow and Serve load; the average with optim.ema_decay)
+    trainer.pt          optimizer, scaler, step, sampler position, RNG states, and with optim.ema_decay the
+                        training weights a resume continues from (loaded with weights_only=True)
     config.yaml         the resolved experiment config
     tokenizer.json      the tokenizer the model was trained with
     metrics.json        step, losses, perplexity, bits per byte at save time

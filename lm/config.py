@@ -177,6 +177,10 @@ class OptimConfig(Section):
     decay_fraction: float = 0.2  # wsd only: the final fraction of the budget that decays
     grad_clip: float | None = 1.0
     decay_embeddings: bool = False
+    # An exponential moving average of the weights, updated after every step (0 = off). When on, evaluation,
+    # checkpoints' model.safetensors, best/ and everything that loads them use the average; trainer.pt keeps the
+    # training weights for resume. 0.99 averages over about the last 100 steps.
+    ema_decay: float = 0.0
 
     def validate(self) -> None:
         self._positive("lr", "eps", "grad_clip")
@@ -185,6 +189,12 @@ class OptimConfig(Section):
         )
         check(self.weight_decay >= 0.0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        check(
+            0.0 <= self.ema_decay < 1.0,
+            "optim.ema_decay",
+            self.ema_decay,
+            "must be in [0, 1) (0 = no weight average; 0.99 averages about the last 100 steps)",
+        )
         check(
             0.0 < self.decay_fraction <= 1.0,
             "optim.decay_fraction",

@@ -22,6 +22,7 @@ next step boundary with a checkpoint every rank agrees on.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -46,6 +47,7 @@ from lm.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     load_weights_into,
+    model_weights,
     read_metrics,
     read_run_record,
     restore_rng_state,
@@ -257,6 +259,26 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) 
     )
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (``optim.ema_decay``), held in a copy of the model.
+
+    The decay warms up as ``min(decay, (1 + step) / (10 + step))``, so the random initial weights fade within the
+    first steps instead of weighing on the average for hundreds.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs = list(zip(self.model.parameters(), model.parameters()))  # a tied weight is one parameter
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Fold in the weights as they are after optimizer step ``step`` (1 = the first)."""
+        weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
+        for average, current in self._pairs:
+            average.lerp_(current, weight)
+
+
 def lr_at(
     optim: OptimConfig, step: int, progress: float, warmup_progress: float, start_lr: float | None = None
 ) -> float:
@@ -332,9 +354,15 @@ class _Run:
     start_step: int
     autocast: contextlib.AbstractContextManager
     sharded: bool = False  # parameters are DTensor shards (FSDP): sharded checkpoints, gradient sync by FSDP
+    ema: WeightAverage | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     last_checkpoint: Path | None = None
     evaluated: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> dev metrics (run once)
+
+    @property
+    def weights_model(self) -> nn.Module:
+        """The model that is evaluated and saved as the run's weights: the average when ``optim.ema_decay`` is on."""
+        return self.model if self.ema is None else self.ema.model
 
 
 def train(
@@ -440,6 +468,11 @@ def _setup(
     # Wrapped before the optimizer exists: FSDP replaces the parameters by their shards, and AdamW must hold those.
     wrapped = dist.wrap_model(model)
     sharded = is_sharded(model)
+    if sharded and cfg.optim.ema_decay:
+        raise TrainError(
+            f"optim.ema_decay={cfg.optim.ema_decay} is not supported with sharded (FSDP) training: set "
+            "optim.ema_decay=0, or use ray.strategy=ddp"
+        )
     optimizer = build_optimizer(model, cfg.optim, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = BlockSampler(
@@ -467,11 +500,12 @@ def _setup(
         update_run_record(
             out_dir, run_id=run_id, status="running", step=state.step, started_config=started or to_dict(cfg)
         )
+    ema = _weight_average(cfg, model, checked)
     if tc.compile:
         wrapped = torch.compile(wrapped)
     run = _Run(
         cfg, data, hooks, dist, device, model, wrapped, optimizer, scaler, sampler, manager, state, run_id,
-        resumed_from, state.step, autocast_context(device, amp_dtype), sharded,
+        resumed_from, state.step, autocast_context(device, amp_dtype), sharded, ema,
     )  # fmt: skip
     if tc.compile:
         _warm_up_compiled(run)
@@ -511,6 +545,8 @@ def _loop(run: _Run, stop: _StopRequests, clock: Callable[[], float]) -> bool:
         loss_count += 1
         state.step += 1
         state.tokens += _tokens_per_step(run)
+        if run.ema is not None:
+            run.ema.update(state.step)
 
         if state.step % tc.log_interval == 0:
             now = clock()
@@ -593,7 +629,7 @@ def _evaluate_dev(run: _Run) -> dict[str, float]:
     if step not in run.evaluated:
         tc = run.cfg.train
         result = evaluate_split(
-            run.model, run.data.tokens("dev"), run.data.num_bytes("dev"), run.cfg.model.block_size,
+            run.weights_model, run.data.tokens("dev"), run.data.num_bytes("dev"), run.cfg.model.block_size,
             batch_size=max(tc.batch_size, 32), device=run.device, max_batches=tc.eval_max_batches,
             text_name="dev",
         )  # fmt: skip
@@ -628,7 +664,7 @@ def _save(run: _Run, metrics: dict[str, float], status: str = "running") -> Path
         rng = _gather_rng(run.dist)  # a collective: every rank takes part before rank 0 writes
     if run.dist.is_main:
         path = run.manager.save(
-            state.step, model=run.model, cfg=run.cfg, tokenizer=run.data.tokenizer_path, metrics=metrics,
+            state.step, model=run.weights_model, cfg=run.cfg, tokenizer=run.data.tokenizer_path, metrics=metrics,
             trainer_state=_trainer_state(run, rng, finished=status == "finished"), weights=weights,
             staging=staging,
         )  # fmt: skip
@@ -698,7 +734,7 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
             )
         _save(run, metrics, status="interrupted")
     else:
-        val = _evaluate_val(run, run.model)
+        val = _evaluate_val(run, run.weights_model)
         metrics |= val | {
             "step": float(state.step),
             "tokens": float(state.tokens),
@@ -803,6 +839,8 @@ def _trainer_state(run: _Run, rng: list[dict[str, Any]], finished: bool) -> dict
     return {
         # A sharded model's optimizer state is in shards/, each rank's part written by that rank.
         "optimizer": None if run.sharded else run.optimizer.state_dict(),
+        # With a weight average, model.safetensors holds the average; training resumes from these.
+        "train_weights": None if run.ema is None else model_weights(run.model),
         "sharded": run.sharded,
         "scaler": run.scaler.state_dict(),
         "sampler": run.sampler.state_dict(),
@@ -876,6 +914,8 @@ def _restore(
     A sharded checkpoint loads into a sharded or plain model of any world size (DCP reshards), a plain one into
     either too.
     """
+    # With a weight average, model.safetensors holds the average and trainer.pt the weights training continues from.
+    weights = trainer.get("train_weights") or ckpt.weights
     if trainer.get("sharded"):
         if not has_shards(ckpt.path):
             raise TrainError(
@@ -884,11 +924,11 @@ def _restore(
         load_shards(ckpt.path, model, optimizer)
     elif sharded:  # a ddp or one-process run continued sharded
         try:
-            load_unsharded(model, optimizer, ckpt.weights, trainer["optimizer"])
+            load_unsharded(model, optimizer, weights, trainer["optimizer"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise TrainError(f"cannot resume from {ckpt.path} sharded: {exc}") from exc
     else:
-        load_weights_into(model, ckpt.weights, ckpt.path)
+        load_weights_into(model, weights, ckpt.path)
         optimizer.load_state_dict(trainer["optimizer"])
     scaler.load_state_dict(trainer["scaler"])
     sampler.load_state_dict(trainer["sampler"])
@@ -916,6 +956,21 @@ def _restore(
                 seed_everything(cfg.train.seed + dist.rank + state.step)
     else:  # checkpoints written before per-rank RNG
         restore_rng_state(rng)
+
+
+def _weight_average(
+    cfg: ExperimentConfig, model: nn.Module, checked: tuple[Checkpoint, dict[str, Any]] | None
+) -> WeightAverage | None:
+    """The run's weight average (None when ``optim.ema_decay`` is 0), restored when the checkpoint saved one.
+
+    A checkpoint without an average (written with ``optim.ema_decay`` at 0) starts it from the training weights.
+    """
+    if not cfg.optim.ema_decay:
+        return None
+    ema = WeightAverage(model, cfg.optim.ema_decay)
+    if checked is not None and checked[1].get("train_weights") is not None:
+        load_weights_into(ema.model, checked[0].weights, checked[0].path)
+    return ema
 
 
 def _rebase_schedule(budget: dict[str, Any] | None, state: _State, cfg: ExperimentConfig) -> None:

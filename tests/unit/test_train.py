@@ -17,6 +17,7 @@ from lm.train import (
     Hooks,
     RunFinishedError,
     TrainError,
+    WeightAverage,
     budget_progress,
     lr_at,
     param_groups,
@@ -169,6 +170,110 @@ def test_resume_after_a_crash_is_bit_identical(toy_cfg, tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_the_weight_average_folds_in_each_step_with_a_warming_up_decay() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    start = [p.detach().clone() for p in model.parameters()]
+    ema = WeightAverage(model, decay=0.2)
+    expected = start
+    for step in (1, 2, 3, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(float(step))
+        ema.update(step)
+        decay = min(0.2, (1 + step) / (10 + step))  # 2/11 while warming up, then the configured 0.2
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, model.parameters())]
+    for average, want in zip(ema.model.parameters(), expected):
+        torch.testing.assert_close(average, want)
+        assert not average.requires_grad
+    assert not any(torch.equal(a, p) for a, p in zip(ema.model.parameters(), model.parameters()))
+
+
+def test_with_a_weight_average_the_checkpoints_hold_it_and_every_score_is_its_own(toy_cfg) -> None:
+    cfg = toy_cfg(
+        optim__ema_decay=0.9, train__max_steps=30, train__checkpoint_interval=10, train__keep_last=5
+    )
+    result = train(cfg)
+    data = prepare_data(cfg, progress=False)
+    last = load_checkpoint(result.last_checkpoint)
+    trained = last.trainer_state()["train_weights"]
+    assert any(
+        not torch.equal(last.weights[k], trained[k]) for k in trained
+    )  # the average is not the weights
+    for path in [*sorted(Path(cfg.train.out_dir).glob("step-*")), result.best_checkpoint]:
+        model = TransformerLM(cfg.model)
+        model.load_state_dict(load_checkpoint(path).weights, strict=False)
+        again = evaluate_split(
+            model,
+            data.tokens("dev"),
+            data.num_bytes("dev"),
+            cfg.model.block_size,
+            batch_size=32,
+            max_batches=4,
+        )
+        assert read_metrics(path)["dev_loss"] == pytest.approx(again.loss, rel=1e-6), path
+    # the training weights score worse than their average here (decay 0.9 smooths the last ~10 steps)
+    model = TransformerLM(cfg.model)
+    model.load_state_dict(trained, strict=False)
+    raw = evaluate_split(
+        model, data.tokens("val"), data.num_bytes("val"), cfg.model.block_size, batch_size=32
+    )
+    assert result.metrics["val_loss"] != pytest.approx(raw.loss, rel=1e-6)
+    # ...but it follows them: a loop that never updated it would score the initial weights' ln(vocab)
+    assert abs(result.metrics["val_loss"] - raw.loss) < 0.25 < math.log(cfg.model.vocab_size) - raw.loss, (
+        result.metrics["val_loss"],
+        raw.loss,
+    )
+    plain = train(toy_cfg(train__max_steps=30, train__out_dir=Path(cfg.train.out_dir).parent / "plain"))
+    assert load_checkpoint(plain.last_checkpoint).trainer_state()["train_weights"] is None
+
+
+def test_resume_with_a_weight_average_is_bit_identical(toy_cfg, tmp_path: Path) -> None:
+    kw = dict(train__max_steps=20, train__checkpoint_interval=5, train__log_interval=1, optim__ema_decay=0.8)
+    straight = train(toy_cfg(train__out_dir=tmp_path / "straight", **kw), resume=False)
+    cfg = toy_cfg(train__out_dir=tmp_path / "crashed", **kw)
+    with pytest.raises(RuntimeError, match="simulated crash at step 12"):
+        train(cfg, hooks=Recorder(crash_at=12))
+    resumed = train(cfg)
+    assert resumed.resumed_from.name == "step-000010"
+    a, b = load_checkpoint(straight.last_checkpoint), load_checkpoint(resumed.last_checkpoint)
+    for saved in ("weights", "train_weights"):
+        x = a.weights if saved == "weights" else a.trainer_state()[saved]
+        y = b.weights if saved == "weights" else b.trainer_state()[saved]
+        assert x.keys() == y.keys()
+        for name in x:
+            assert torch.equal(x[name], y[name]), (saved, name)
+    assert straight.metrics["val_loss"] == resumed.metrics["val_loss"]
+
+
+def test_a_weight_average_switched_on_at_resume_starts_from_the_training_weights(toy_cfg) -> None:
+    cfg = toy_cfg(train__max_steps=10)
+    train(cfg)
+    longer = toy_cfg(train__max_steps=12, optim__ema_decay=0.99)
+    result = train(longer)
+    assert result.resumed_from.name == "step-000010" and result.trained_steps == 2
+    assert load_checkpoint(result.last_checkpoint).trainer_state()["train_weights"] is not None
+
+
+def test_a_weight_average_is_refused_with_fsdp_before_ray_starts(tmp_path: Path) -> None:
+    from lmplatform.config import load_platform_config
+
+    from lm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.ema_decay=0.99 is not supported with ray.strategy=fsdp"):
+        load_platform_config(
+            None, ["ray.strategy=fsdp", "ray.num_workers=2", "optim.ema_decay=0.99"], base_dir=tmp_path
+        )
+
+
+def test_an_ema_decay_outside_zero_to_one_names_the_key() -> None:
+    from lm.config import ConfigError
+
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match=r"optim.ema_decay.*must be in \[0, 1\)"):
+            OptimConfig(ema_decay=bad).validate()
 
 
 class StopAfter(Hooks):

@@ -51,6 +51,16 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path).weights
 
 
+def rescored_dev_loss(path: Path, cfg, data, max_batches: int) -> float:
+    """The dev loss of a saved checkpoint's weights, scored again outside the loop."""
+    model = TransformerLM(cfg.model)
+    model.load_state_dict(weights(path), strict=False)
+    return evaluate_split(
+        model, data.tokens("dev"), data.num_bytes("dev"), cfg.model.block_size, batch_size=32,
+        max_batches=max_batches,
+    ).loss  # fmt: skip
+
+
 def test_loss_goes_down_and_reports_are_complete(toy_cfg) -> None:
     cfg = toy_cfg(train__max_steps=60, train__eval_interval=20)
     rec = Recorder()
@@ -154,8 +164,10 @@ def test_weight_decay_only_on_weight_matrices() -> None:
     assert any(p is model.tok_emb.weight for p in with_emb)
 
 
-def test_resume_after_a_crash_is_bit_identical(toy_cfg, tmp_path: Path) -> None:
-    kw = dict(train__max_steps=20, train__checkpoint_interval=5, train__log_interval=1, model__dropout=0.1)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.8])
+def test_resume_after_a_crash_is_bit_identical(toy_cfg, tmp_path: Path, ema_decay: float) -> None:
+    kw = dict(train__max_steps=20, train__checkpoint_interval=5, train__log_interval=1, model__dropout=0.1,
+              optim__ema_decay=ema_decay)  # fmt: skip
     straight = train(toy_cfg(train__out_dir=tmp_path / "straight", **kw), resume=False)
     cfg = toy_cfg(train__out_dir=tmp_path / "crashed", **kw)
     with pytest.raises(RuntimeError, match="simulated crash at step 12"):
@@ -166,10 +178,14 @@ def test_resume_after_a_crash_is_bit_identical(toy_cfg, tmp_path: Path) -> None:
     resumed = train(cfg, hooks=rec)
     assert resumed.resumed_from.name == "step-000010" and resumed.trained_steps == 10
     assert [s for s, _ in rec.logs] == list(range(11, 21))  # no step trained twice, none skipped
-    a, b = weights(straight.last_checkpoint), weights(resumed.last_checkpoint)
+    a, b = weights(straight.last_checkpoint), weights(resumed.last_checkpoint)  # with ema_decay: the average
+    if ema_decay:  # ...and the training weights a further resume would continue from
+        a, b = ({**w, **{f"train.{k}": v for k, v in load_checkpoint(c).trainer_state()["train_weights"].items()}}
+                for w, c in ((a, straight.last_checkpoint), (b, resumed.last_checkpoint)))  # fmt: skip
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    assert straight.metrics["val_loss"] == resumed.metrics["val_loss"]
 
 
 def test_the_weight_average_folds_in_each_step_with_a_warming_up_decay() -> None:
@@ -203,17 +219,8 @@ def test_with_a_weight_average_the_checkpoints_hold_it_and_every_score_is_its_ow
         not torch.equal(last.weights[k], trained[k]) for k in trained
     )  # the average is not the weights
     for path in [*sorted(Path(cfg.train.out_dir).glob("step-*")), result.best_checkpoint]:
-        model = TransformerLM(cfg.model)
-        model.load_state_dict(load_checkpoint(path).weights, strict=False)
-        again = evaluate_split(
-            model,
-            data.tokens("dev"),
-            data.num_bytes("dev"),
-            cfg.model.block_size,
-            batch_size=32,
-            max_batches=4,
-        )
-        assert read_metrics(path)["dev_loss"] == pytest.approx(again.loss, rel=1e-6), path
+        again = rescored_dev_loss(path, cfg, data, max_batches=4)
+        assert read_metrics(path)["dev_loss"] == pytest.approx(again, rel=1e-6), path
     # the training weights score worse than their average here (decay 0.9 smooths the last ~10 steps)
     model = TransformerLM(cfg.model)
     model.load_state_dict(trained, strict=False)
@@ -228,24 +235,6 @@ def test_with_a_weight_average_the_checkpoints_hold_it_and_every_score_is_its_ow
     )
     plain = train(toy_cfg(train__max_steps=30, train__out_dir=Path(cfg.train.out_dir).parent / "plain"))
     assert load_checkpoint(plain.last_checkpoint).trainer_state()["train_weights"] is None
-
-
-def test_resume_with_a_weight_average_is_bit_identical(toy_cfg, tmp_path: Path) -> None:
-    kw = dict(train__max_steps=20, train__checkpoint_interval=5, train__log_interval=1, optim__ema_decay=0.8)
-    straight = train(toy_cfg(train__out_dir=tmp_path / "straight", **kw), resume=False)
-    cfg = toy_cfg(train__out_dir=tmp_path / "crashed", **kw)
-    with pytest.raises(RuntimeError, match="simulated crash at step 12"):
-        train(cfg, hooks=Recorder(crash_at=12))
-    resumed = train(cfg)
-    assert resumed.resumed_from.name == "step-000010"
-    a, b = load_checkpoint(straight.last_checkpoint), load_checkpoint(resumed.last_checkpoint)
-    for saved in ("weights", "train_weights"):
-        x = a.weights if saved == "weights" else a.trainer_state()[saved]
-        y = b.weights if saved == "weights" else b.trainer_state()[saved]
-        assert x.keys() == y.keys()
-        for name in x:
-            assert torch.equal(x[name], y[name]), (saved, name)
-    assert straight.metrics["val_loss"] == resumed.metrics["val_loss"]
 
 
 def test_a_weight_average_switched_on_at_resume_starts_from_the_training_weights(toy_cfg) -> None:
@@ -424,19 +413,8 @@ def test_every_checkpoint_competing_for_best_is_scored_on_the_same_dev_tokens(to
     scores = {}
     for path in sorted(Path(cfg.train.out_dir).glob("step-*")):
         saved = read_metrics(path)
-        model = TransformerLM(cfg.model)
-        model.load_state_dict(load_checkpoint(path).weights, strict=False)
-        again = evaluate_split(
-            model,
-            data.tokens("dev"),
-            data.num_bytes("dev"),
-            cfg.model.block_size,
-            batch_size=32,
-            max_batches=2,
-        )
-        assert saved["dev_loss"] == pytest.approx(again.loss, rel=1e-6), (
-            path
-        )  # same tokens, final one included
+        again = rescored_dev_loss(path, cfg, data, max_batches=2)
+        assert saved["dev_loss"] == pytest.approx(again, rel=1e-6), path  # same tokens, final one included
         scores[saved["step"]] = saved["dev_loss"]
     best = read_metrics(result.best_checkpoint)
     assert best["dev_loss"] == min(scores.values()) and "val_loss" in best  # best carries the reported number

@@ -179,7 +179,8 @@ class OptimConfig(Section):
     decay_embeddings: bool = False
     # An exponential moving average of the weights, updated after every step (0 = off). When on, evaluation,
     # checkpoints' model.safetensors, best/ and everything that loads them use the average; trainer.pt keeps the
-    # training weights for resume. 0.99 averages over about the last 100 steps.
+    # training weights for resume. 0.99 averages over about the last 100 steps once the decay, which warms up as
+    # (1 + step) / (10 + step), reaches it (step 890).
     ema_decay: float = 0.0
 
     def validate(self) -> None:

@@ -4,7 +4,7 @@
     python -m bench.fsdp_memory --n-embd 768 --n-layer 6 --steps 3
 
 Each strategy runs in its own pair of gloo processes (127.0.0.1), built from lm's own pieces: TransformerLM, the
-DDP or :func:`lm.sharding.fsdp_wrapper` wrap, :func:`lm.train.build_optimizer` after wrapping, forward/backward
+DDP or :func:`lm.sharding.fsdp_wrapper` wrap, :func:`lm.optim.build_optimizer` after wrapping, forward/backward
 on a small random batch, clipping, AdamW. Per worker it reports the bytes of model state this rank holds
 (parameters + gradients + AdamW moments, counted tensor by tensor: a DTensor counts its local shard), DDP's
 gradient buckets, and the process's resident memory: before the model was built, and its peak (ru_maxrss).
@@ -51,8 +51,8 @@ def _worker(rank: int, world: int, port: int, strategy: str, args: dict, out: st
 
     from lm.config import ModelConfig, OptimConfig
     from lm.model import TransformerLM
+    from lm.optim import build_optimizer
     from lm.sharding import fsdp_wrapper, global_norm
-    from lm.train import build_optimizer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -161,9 +161,15 @@ class DataConfig(Section):
 
 @dataclass(frozen=True)
 class OptimConfig(Section):
-    """AdamW with decoupled weight decay, warmup then a decaying learning-rate schedule."""
+    """AdamW (or Muon on the hidden matrices) with decoupled weight decay, warmup then a learning-rate schedule."""
 
     section: ClassVar[str] = "optim"
+    # adamw: AdamW over every parameter. muon: Muon (torch.optim.Muon) over the weight matrices inside the blocks,
+    # AdamW over embeddings, LayerNorms and biases (lm.optim). Muon's learning rate is lr * muon_lr_scale, its
+    # update scaled to an AdamW update's RMS; beta1/beta2/eps are AdamW's, muon_momentum is Muon's.
+    optimizer: str = field(default="adamw", metadata=_choices("adamw", "muon"))
+    muon_lr_scale: float = 1.0
+    muon_momentum: float = 0.95
     lr: float = 3e-3
     min_lr: float = 3e-4
     weight_decay: float = 0.1
@@ -183,8 +189,18 @@ class OptimConfig(Section):
     # (1 + step) / (10 + step), reaches it (step 890).
     ema_decay: float = 0.0
 
+    def unshardable(self) -> list[str]:
+        """The settings here that sharded (FSDP) training does not support, each with the reason; [] if none."""
+        reasons = []
+        if self.ema_decay:
+            reasons.append(f"optim.ema_decay={self.ema_decay} (the weight average would need its own shards)")
+        if self.optimizer != "adamw":
+            reasons.append(f"optim.optimizer={self.optimizer} (sharded checkpoints hold one torch optimizer)")
+        return reasons
+
     def validate(self) -> None:
-        self._positive("lr", "eps", "grad_clip")
+        self._positive("lr", "eps", "grad_clip", "muon_lr_scale")
+        check(0.0 <= self.muon_momentum < 1.0, "optim.muon_momentum", self.muon_momentum, "must be in [0, 1)")
         check(
             0.0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"must be in [0, optim.lr={self.lr}]"
         )

@@ -6,10 +6,10 @@
 stop). The loop itself never imports a launcher.
 
 Per optimizer step: ``grad_accum_steps`` micro-batches (no gradient sync on all but the last), loss
-scaled by 1/accum, gradients unscaled (fp16) and clipped by global norm, AdamW step, then the LR for the next
-step from warmup + cosine/linear/constant/warmup-stable-decay over the run's progress. Progress is the furthest
-of the configured budgets (steps, tokens, wall-clock seconds), so a 120-second run decays its LR to ``min_lr``
-exactly at 120 s.
+scaled by 1/accum, gradients unscaled (fp16) and clipped by global norm, the optimizer's step (AdamW, or Muon and
+AdamW: :mod:`lm.optim`), then the LR for the next step from warmup + cosine/linear/constant/warmup-stable-decay
+over the run's progress. Progress is the furthest of the configured budgets (steps, tokens, wall-clock seconds), so
+a 120-second run decays its LR to ``min_lr`` exactly at 120 s.
 
 The run in phases: :func:`_setup` (validate, resume or start clean, build model/optimizer/data), then per step
 :func:`_train_step`, :func:`_evaluate_and_checkpoint` at the intervals, and :func:`_finish` (final evaluation on
@@ -59,6 +59,7 @@ from lm.config import ExperimentConfig, OptimConfig, TrainConfig, flatten, to_di
 from lm.data import BlockSampler, PreparedData, file_sha256, prepare_data
 from lm.evaluate import EvalResult, evaluate_split
 from lm.model import TransformerLM
+from lm.optim import Optimizer, build_optimizer
 from lm.sharding import (
     SHARDS,
     full_weights,
@@ -231,34 +232,6 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on weight matrices only; biases, LayerNorm and (by default) embeddings not."""
-    decay, no_decay = [], []
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    seen: set[int] = set()
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        is_embedding = id(p) in embedding_ids
-        if p.dim() >= 2 and (optim.decay_embeddings or not is_embedding):
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    return [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`, fused kernels where the device has them."""
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        param_groups(model, optim), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused
-    )
-
-
 class WeightAverage:
     """An exponential moving average of a model's weights (``optim.ema_decay``), held in a copy of the model.
 
@@ -344,7 +317,7 @@ class _Run:
     device: torch.device
     model: nn.Module
     wrapped: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     scaler: torch.amp.GradScaler
     sampler: BlockSampler
     manager: CheckpointManager
@@ -440,6 +413,13 @@ def _checked_resume(
             f"({_describe_budget(cfg.train)}) is used up, so there is nothing to train",
             trainer["step"], metrics, path,
         )  # fmt: skip
+    saved_optimizer, optimizer = ckpt.config.optim.optimizer, cfg.optim.optimizer
+    if saved_optimizer != optimizer:
+        raise TrainError(
+            f"cannot resume from {path}: it was trained with optim.optimizer={saved_optimizer}, and this run asks "
+            f"for {optimizer}, whose state differs; resume with optim.optimizer={saved_optimizer}, use --restart to "
+            "start over, or a new run directory (--out) to keep both"
+        )
     return ckpt, trainer
 
 
@@ -465,13 +445,13 @@ def _setup(
 
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = TransformerLM(cfg.model).to(device)
-    # Wrapped before the optimizer exists: FSDP replaces the parameters by their shards, and AdamW must hold those.
+    # Wrapped before the optimizer exists: FSDP replaces the parameters by their shards, and the optimizer must hold those.
     wrapped = dist.wrap_model(model)
     sharded = is_sharded(model)
-    if sharded and cfg.optim.ema_decay:
+    if sharded and cfg.optim.unshardable():
         raise TrainError(
-            f"optim.ema_decay={cfg.optim.ema_decay} is not supported with sharded (FSDP) training: set "
-            "optim.ema_decay=0, or use ray.strategy=ddp"
+            f"sharded (FSDP) training does not support {', '.join(cfg.optim.unshardable())}: set "
+            "optim.ema_decay=0 optim.optimizer=adamw, or use ray.strategy=ddp"
         )
     optimizer = build_optimizer(model, cfg.optim, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -583,7 +563,9 @@ def _train_step(run: _Run, lr: float) -> tuple[torch.Tensor, float | None]:
     """One optimizer step over ``grad_accum_steps`` micro-batches; returns (mean loss, gradient norm)."""
     cfg, tc = run.cfg, run.cfg.train
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get(
+            "lr_scale", 1.0
+        )  # Muon's group runs at optim.muon_lr_scale times the schedule
     step_loss = torch.zeros((), device=run.device)
     for micro in range(tc.grad_accum_steps):
         x, y = run.sampler.next_batch()
@@ -901,7 +883,7 @@ def _restore(
     ckpt: Checkpoint,
     trainer: dict[str, Any],
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     scaler: torch.amp.GradScaler,
     sampler: BlockSampler,
     state: _State,

@@ -289,10 +289,10 @@ def resolve_platform(pcfg: PlatformConfig, cfg: ExperimentConfig, base: Path) ->
         storage = str((base / Path(storage).expanduser()).resolve())
     ray = dataclasses.replace(ray, storage_path=storage, run_name=ray.run_name or cfg.name)
     ray = _ray_device(ray, cfg.train.device)
-    if ray.strategy == "fsdp" and cfg.optim.ema_decay:
+    if ray.strategy == "fsdp" and cfg.optim.unshardable():
         raise ConfigError(
-            f"optim.ema_decay={cfg.optim.ema_decay} is not supported with ray.strategy=fsdp (the weight average "
-            "would need its own shards): set optim.ema_decay=0, or use ray.strategy=ddp"
+            f"ray.strategy=fsdp does not support {', '.join(cfg.optim.unshardable())}: set optim.ema_decay=0 "
+            "optim.optimizer=adamw, or use ray.strategy=ddp"
         )
 
     tr = pcfg.tracking

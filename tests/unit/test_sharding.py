@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lm.checkpoint import TRAINER, WEIGHTS, load_checkpoint, load_model
 from lm.config import load_config
 from lm.model import TransformerLM
+from lm.optim import build_optimizer
 from lm.sharding import (
     SHARDS,
     ShardingError,
@@ -26,7 +27,7 @@ from lm.sharding import (
     load_shards,
     load_unsharded,
 )
-from lm.train import DistributedContext, Hooks, build_optimizer, train
+from lm.train import DistributedContext, Hooks, train
 
 WORLD = 2
 CPU = torch.device("cpu")
@@ -124,9 +125,12 @@ def _worker(rank: int, world: int, init_file: str, phases: list[tuple[str, list[
             try:
                 result = train(cfg, dist=_context(rank, world, kind, own), hooks=hooks, handle_signals=False)
             except RuntimeError as exc:
-                expected = {"fsdp-crash": "crash at step", "fsdp-split": "where rank 0 cannot see them"}
+                expected = {"fsdp-crash": "crash at step", "fsdp-split": "where rank 0 cannot see them",
+                            "fsdp-refused": "sharded (FSDP) training does not support optim.ema_decay=0.5 (the "
+                                            "weight average would need its own shards), optim.optimizer=muon"}  # fmt: skip
                 assert kind in expected and expected[kind] in str(exc), exc
                 continue
+            assert kind != "fsdp-refused", "a library caller sharding through its own context was not refused"
             if rank == 0:
                 Path(cfg.train.out_dir, "history.json").write_text(json.dumps(result.history))
     finally:
@@ -262,7 +266,13 @@ def test_fsdp_and_ddp_on_two_ranks_match_one_process_and_sharded_checkpoints_rou
     shutil.copy(tmp_path / "straight" / "run.json", resharded / "run.json")
     args = toy_args(train__out_dir=resharded, **resume)
     # ("tie" loads the shards into a sharded world-1 model and compares them with the checkpoint's full weights)
-    phases = [("tie", args, str(resharded / "step-000004")), ("fsdp", args, None)]
+    # then what FSDP cannot shard is refused to a library caller too (lmplatform refuses it before Ray starts)
+    refused = toy_args(train__out_dir=tmp_path / "refused", optim__optimizer="muon", optim__ema_decay=0.5)
+    phases = [
+        ("tie", args, str(resharded / "step-000004")),
+        ("fsdp", args, None),
+        ("fsdp-refused", refused, None),
+    ]
     mp.spawn(_worker, args=(1, str(tmp_path / "init1"), phases), nprocs=1, join=True)
     losses = _losses(resharded)
     assert min(losses) == 5 and max(losses) == 8  # continued at step 5

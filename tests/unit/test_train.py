@@ -13,6 +13,7 @@ from lm.config import OptimConfig, load_config
 from lm.data import prepare_data
 from lm.evaluate import evaluate_split
 from lm.model import TransformerLM
+from lm.optim import MuonAdamW, build_optimizer, muon_parameters, param_groups
 from lm.train import (
     Hooks,
     RunFinishedError,
@@ -20,7 +21,6 @@ from lm.train import (
     WeightAverage,
     budget_progress,
     lr_at,
-    param_groups,
     preflight,
     train,
 )
@@ -164,10 +164,57 @@ def test_weight_decay_only_on_weight_matrices() -> None:
     assert any(p is model.tok_emb.weight for p in with_emb)
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.8])
-def test_resume_after_a_crash_is_bit_identical(toy_cfg, tmp_path: Path, ema_decay: float) -> None:
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest() -> None:
+    for tied in (True, False):
+        cfg = load_config(None, ["model.vocab_size=300", "model.n_embd=32", "model.n_head=2", "optim.optimizer=muon",
+                                 "optim.muon_lr_scale=3", f"model.tie_weights={str(tied).lower()}"])  # fmt: skip
+        model = TransformerLM(cfg.model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        hidden = {names[id(p)] for p in muon_parameters(model)}
+        assert hidden == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+        assert hidden and not any("emb" in n or "lm_head" in n or "ln" in n for n in hidden)
+        optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+        assert isinstance(optimizer, MuonAdamW)
+        (muon_group,) = optimizer.muon.param_groups
+        assert muon_group["lr"] == pytest.approx(cfg.optim.lr * 3) and muon_group["lr_scale"] == 3
+        assert muon_group["weight_decay"] == cfg.optim.weight_decay
+        by_adamw = [p for g in optimizer.adamw.param_groups for p in g["params"]]
+        assert {names[id(p)] for p in by_adamw}.isdisjoint(hidden)  # every parameter exactly once
+        assert len(by_adamw) + len(hidden) == len(list(model.parameters()))
+        decayed = {names[id(p)] for g in optimizer.adamw.param_groups if g["weight_decay"] for p in g["params"]}
+        assert decayed == (set() if tied else {"lm_head.weight"})  # the untied head: AdamW, decayed
+
+
+def test_muon_trains_and_its_learning_rate_follows_the_schedule_times_its_scale(toy_cfg) -> None:
+    rec = Recorder()
+    cfg = toy_cfg(train__max_steps=30, train__log_interval=1, optim__optimizer="muon", optim__muon_lr_scale=2.0,
+                  optim__warmup_steps=5, optim__lr=3e-3, optim__schedule="constant")  # fmt: skip
+    result = train(cfg, hooks=rec)
+    losses = [m["train_loss"] for _, m in rec.logs]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert [m["lr"] for _, m in rec.logs][-1] == pytest.approx(3e-3)
+    groups = load_checkpoint(result.last_checkpoint).trainer_state()["optimizer"]["muon"]["param_groups"]
+    assert groups[0]["lr"] == pytest.approx(6e-3)  # the schedule's 3e-3 at optim.muon_lr_scale=2
+
+
+def test_resuming_with_another_optimizer_is_refused_before_anything_is_written(toy_cfg) -> None:
+    first = train(toy_cfg(train__max_steps=10))
+    before = sorted(p.name for p in first.last_checkpoint.parent.iterdir())
+    with pytest.raises(
+        TrainError, match="trained with optim.optimizer=adamw, and this run asks for muon.*--restart"
+    ):
+        train(toy_cfg(train__max_steps=20, optim__optimizer="muon"))
+    assert sorted(p.name for p in first.last_checkpoint.parent.iterdir()) == before
+    restarted = train(toy_cfg(train__max_steps=20, optim__optimizer="muon"), resume=False)
+    assert restarted.trained_steps == 20
+
+
+@pytest.mark.parametrize("ema_decay, optimizer", [(0.0, "adamw"), (0.8, "adamw"), (0.8, "muon")])
+def test_resume_after_a_crash_is_bit_identical(
+    toy_cfg, tmp_path: Path, ema_decay: float, optimizer: str
+) -> None:
     kw = dict(train__max_steps=20, train__checkpoint_interval=5, train__log_interval=1, model__dropout=0.1,
-              optim__ema_decay=ema_decay)  # fmt: skip
+              optim__ema_decay=ema_decay, optim__optimizer=optimizer, optim__muon_lr_scale=2.0)  # fmt: skip
     straight = train(toy_cfg(train__out_dir=tmp_path / "straight", **kw), resume=False)
     cfg = toy_cfg(train__out_dir=tmp_path / "crashed", **kw)
     with pytest.raises(RuntimeError, match="simulated crash at step 12"):
@@ -246,23 +293,43 @@ def test_a_weight_average_switched_on_at_resume_starts_from_the_training_weights
     assert load_checkpoint(result.last_checkpoint).trainer_state()["train_weights"] is not None
 
 
-def test_a_weight_average_is_refused_with_fsdp_before_ray_starts(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "optim, refused",
+    [
+        (["optim.ema_decay=0.99"], r"optim.ema_decay=0.99 \(the weight average"),
+        (["optim.optimizer=muon"], r"optim.optimizer=muon \(sharded checkpoints"),
+        (
+            ["optim.ema_decay=0.9", "optim.optimizer=muon"],
+            r"optim.ema_decay=0.9 \(.*\), optim.optimizer=muon",
+        ),
+    ],
+)
+def test_what_fsdp_cannot_shard_is_refused_before_ray_starts(
+    tmp_path: Path, optim: list[str], refused: str
+) -> None:
     from lmplatform.config import load_platform_config
 
     from lm.config import ConfigError
 
-    with pytest.raises(ConfigError, match="optim.ema_decay=0.99 is not supported with ray.strategy=fsdp"):
-        load_platform_config(
-            None, ["ray.strategy=fsdp", "ray.num_workers=2", "optim.ema_decay=0.99"], base_dir=tmp_path
-        )
+    plain = ["ray.strategy=fsdp", "ray.num_workers=2", "optim.ema_decay=0", "optim.optimizer=adamw"]
+    load_platform_config(None, plain, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=f"ray.strategy=fsdp does not support {refused}.*ray.strategy=ddp"):
+        load_platform_config(None, [*plain, *optim], base_dir=tmp_path)
 
 
-def test_an_ema_decay_outside_zero_to_one_names_the_key() -> None:
+def test_out_of_range_optimizer_settings_name_the_key() -> None:
     from lm.config import ConfigError
 
-    for bad in (-0.1, 1.0):
-        with pytest.raises(ConfigError, match=r"optim.ema_decay.*must be in \[0, 1\)"):
-            OptimConfig(ema_decay=bad).validate()
+    for key, bad, allowed in [
+        ("ema_decay", -0.1, r"must be in \[0, 1\)"),
+        ("ema_decay", 1.0, r"must be in \[0, 1\)"),
+        ("muon_momentum", 1.0, r"must be in \[0, 1\)"),
+        ("muon_lr_scale", 0.0, "must be > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"optim.{key}.*{allowed}"):
+            OptimConfig(**{key: bad}).validate()
+    with pytest.raises(ConfigError, match="optim.optimizer.*adamw.*muon"):
+        load_config(None, ["optim.optimizer=sgd"])
 
 
 class StopAfter(Hooks):

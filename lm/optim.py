@@ -1,0 +1,125 @@
+"""The optimizer the training loop steps (``optim.optimizer``): AdamW, or Muon on the transformer's hidden weight
+matrices with AdamW on everything else.
+
+Muon (Jordan et al., 2024; ``torch.optim.Muon``) replaces a matrix's momentum by the nearest semi-orthogonal
+matrix (a few Newton-Schulz iterations), so the update moves every direction of the matrix at the same rate
+instead of mostly its few largest ones. It is meant for 2-D weights inside the network: the token embedding, the
+output head, LayerNorms and biases stay with AdamW. torch's ``match_rms_adamw`` adjustment scales each matrix's
+update to the RMS of a typical AdamW update (learning rate times ``0.2 * sqrt(max(rows, cols))``), so ``optim.lr``
+and ``optim.weight_decay`` mean the same for both halves; ``optim.muon_lr_scale`` multiplies Muon's learning rate on
+top, through the ``lr_scale`` of its parameter group, which the loop's schedule honours.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lm.config import OptimConfig
+
+
+def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weight matrices only; biases, LayerNorm and (by default) embeddings not."""
+    decay, no_decay = [], []
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_embedding = id(p) in embedding_ids
+        if p.dim() >= 2 and (optim.decay_embeddings or not is_embedding):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The hidden weight matrices Muon updates: every trainable 2-D parameter except embeddings and the output
+    head (``lm_head``, which is the embedding itself when the weights are tied)."""
+    excluded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        excluded.add(id(head.weight))
+    seen: set[int] = set()
+    matrices = []
+    for p in model.parameters():
+        if p.requires_grad and p.dim() == 2 and id(p) not in excluded and id(p) not in seen:
+            seen.add(id(p))
+            matrices.append(p)
+    return matrices
+
+
+class MuonAdamW:
+    """Muon over some parameters and AdamW over the rest, stepped as one optimizer.
+
+    It offers what the loop, the GradScaler and checkpoints use: ``param_groups`` (Muon's groups first; the
+    schedule sets every group's ``lr``), ``step``, ``zero_grad``, ``state_dict`` and ``load_state_dict``.
+    """
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        # A property, not a list made once: load_state_dict gives each optimizer new group dicts.
+        return [*self.muon.param_groups, *self.adamw.param_groups]
+
+    @property
+    def state(self) -> dict[torch.Tensor, Any]:
+        return {**self.muon.state, **self.adamw.state}
+
+    def step(self, closure: None = None) -> None:
+        if closure is not None:
+            raise ValueError("MuonAdamW.step takes no closure")
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+Optimizer = torch.optim.Optimizer | MuonAdamW
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> Optimizer:
+    """AdamW over :func:`param_groups` (fused kernels where the device has them), or with ``optim.optimizer`` muon,
+    Muon over :func:`muon_parameters` and AdamW over the rest."""
+    fused = device.type in ("cuda", "cpu")
+    groups = param_groups(model, optim)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(
+            groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused
+        )
+    matrices = muon_parameters(model)
+    by_muon = {id(p) for p in matrices}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in by_muon]} for g in groups]
+    muon = torch.optim.Muon(
+        [{"params": matrices, "lr_scale": optim.muon_lr_scale}],
+        lr=optim.lr * optim.muon_lr_scale,
+        weight_decay=optim.weight_decay,
+        momentum=optim.muon_momentum,
+        adjust_lr_fn="match_rms_adamw",
+    )
+    adamw = torch.optim.AdamW(
+        [g for g in rest if g["params"]],
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+        fused=fused,
+    )
+    return MuonAdamW(muon, adamw)

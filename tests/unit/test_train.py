@@ -13,7 +13,7 @@ from lm.config import OptimConfig, load_config
 from lm.data import prepare_data
 from lm.evaluate import evaluate_split
 from lm.model import TransformerLM
-from lm.optim import MuonAdamW, build_optimizer, muon_parameters, param_groups
+from lm.optim import param_groups
 from lm.train import (
     Hooks,
     RunFinishedError,
@@ -162,27 +162,6 @@ def test_weight_decay_only_on_weight_matrices() -> None:
     assert len(decayed) + len(plain) == len(list(model.parameters()))
     with_emb = param_groups(model, OptimConfig(decay_embeddings=True))[0]["params"]
     assert any(p is model.tok_emb.weight for p in with_emb)
-
-
-def test_muon_takes_the_hidden_matrices_and_adamw_the_rest() -> None:
-    for tied in (True, False):
-        cfg = load_config(None, ["model.vocab_size=300", "model.n_embd=32", "model.n_head=2", "optim.optimizer=muon",
-                                 "optim.muon_lr_scale=3", f"model.tie_weights={str(tied).lower()}"])  # fmt: skip
-        model = TransformerLM(cfg.model)
-        names = {id(p): n for n, p in model.named_parameters()}
-        hidden = {names[id(p)] for p in muon_parameters(model)}
-        assert hidden == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
-        assert hidden and not any("emb" in n or "lm_head" in n or "ln" in n for n in hidden)
-        optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
-        assert isinstance(optimizer, MuonAdamW)
-        (muon_group,) = optimizer.muon.param_groups
-        assert muon_group["lr"] == pytest.approx(cfg.optim.lr * 3) and muon_group["lr_scale"] == 3
-        assert muon_group["weight_decay"] == cfg.optim.weight_decay
-        by_adamw = [p for g in optimizer.adamw.param_groups for p in g["params"]]
-        assert {names[id(p)] for p in by_adamw}.isdisjoint(hidden)  # every parameter exactly once
-        assert len(by_adamw) + len(hidden) == len(list(model.parameters()))
-        decayed = {names[id(p)] for g in optimizer.adamw.param_groups if g["weight_decay"] for p in g["params"]}
-        assert decayed == (set() if tied else {"lm_head.weight"})  # the untied head: AdamW, decayed
 
 
 def test_muon_trains_and_its_learning_rate_follows_the_schedule_times_its_scale(toy_cfg) -> None:

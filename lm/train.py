@@ -491,9 +491,10 @@ def _setup(
         _warm_up_compiled(run)
     if dist.is_main:
         log.info(
-            "training %s: %s parameters (%s non-embedding), %d tokens/step, device %s, amp %s, budget %s",
+            "training %s: %s parameters (%s non-embedding), %d tokens/step, %s, device %s, amp %s, budget %s",
             cfg.name, f"{model.num_parameters():,}", f"{model.num_parameters(non_embedding=True):,}",
-            _tokens_per_step(run), device, amp_dtype or "off", _describe_budget(tc),
+            _tokens_per_step(run), "Muon + AdamW" if cfg.optim.optimizer == "muon" else "AdamW", device,
+            amp_dtype or "off", _describe_budget(tc),
         )  # fmt: skip
     return run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -164,11 +165,13 @@ def test_weight_decay_only_on_weight_matrices() -> None:
     assert any(p is model.tok_emb.weight for p in with_emb)
 
 
-def test_muon_trains_and_its_learning_rate_follows_the_schedule_times_its_scale(toy_cfg) -> None:
+def test_muon_trains_and_its_learning_rate_follows_the_schedule_times_its_scale(toy_cfg, caplog) -> None:
     rec = Recorder()
     cfg = toy_cfg(train__max_steps=30, train__log_interval=1, optim__optimizer="muon", optim__muon_lr_scale=2.0,
                   optim__warmup_steps=5, optim__lr=3e-3, optim__schedule="constant")  # fmt: skip
-    result = train(cfg, hooks=rec)
+    with caplog.at_level(logging.INFO, logger="lm.train"):
+        result = train(cfg, hooks=rec)
+    assert "tokens/step, Muon + AdamW, device cpu" in caplog.text
     losses = [m["train_loss"] for _, m in rec.logs]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
     assert [m["lr"] for _, m in rec.logs][-1] == pytest.approx(3e-3)

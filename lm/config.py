@@ -189,14 +189,19 @@ class OptimConfig(Section):
     # (1 + step) / (10 + step), reaches it (step 890).
     ema_decay: float = 0.0
 
-    def unshardable(self) -> list[str]:
-        """The settings here that sharded (FSDP) training does not support, each with the reason; [] if none."""
-        reasons = []
+    def unshardable(self) -> str | None:
+        """What here sharded (FSDP) training cannot do, why, and which settings to change; None if nothing."""
+        found = []  # (setting, why, the value that works)
         if self.ema_decay:
-            reasons.append(f"optim.ema_decay={self.ema_decay} (the weight average would need its own shards)")
+            found.append((f"optim.ema_decay={self.ema_decay}", "the weight average would need its own shards",
+                          "optim.ema_decay=0"))  # fmt: skip
         if self.optimizer != "adamw":
-            reasons.append(f"optim.optimizer={self.optimizer} (sharded checkpoints hold one torch optimizer)")
-        return reasons
+            found.append((f"optim.optimizer={self.optimizer}", "Muon would orthogonalize each rank's shard of a "
+                          "matrix instead of the whole matrix", "optim.optimizer=adamw"))  # fmt: skip
+        if not found:
+            return None
+        what = ", ".join(f"{setting} ({why})" for setting, why, _ in found)
+        return f"{what}: set {' '.join(fix for _, _, fix in found)}"
 
     def validate(self) -> None:
         self._positive("lr", "eps", "grad_clip", "muon_lr_scale")

@@ -59,7 +59,7 @@ from lm.config import ExperimentConfig, OptimConfig, TrainConfig, flatten, to_di
 from lm.data import BlockSampler, PreparedData, file_sha256, prepare_data
 from lm.evaluate import EvalResult, evaluate_split
 from lm.model import TransformerLM
-from lm.optim import Optimizer, build_optimizer
+from lm.optim import Optimizer, build_optimizer, keeping_settings
 from lm.sharding import (
     SHARDS,
     full_weights,
@@ -450,8 +450,7 @@ def _setup(
     sharded = is_sharded(model)
     if sharded and cfg.optim.unshardable():
         raise TrainError(
-            f"sharded (FSDP) training does not support {', '.join(cfg.optim.unshardable())}: set "
-            "optim.ema_decay=0 optim.optimizer=adamw, or use ray.strategy=ddp"
+            f"sharded (FSDP) training does not support {cfg.optim.unshardable()}, or use ray.strategy=ddp"
         )
     optimizer = build_optimizer(model, cfg.optim, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -899,20 +898,21 @@ def _restore(
     """
     # With a weight average, model.safetensors holds the average and trainer.pt the weights training continues from.
     weights = trainer.get("train_weights") or ckpt.weights
-    if trainer.get("sharded"):
-        if not has_shards(ckpt.path):
-            raise TrainError(
-                f"cannot resume from {ckpt.path}: it was written sharded but has no complete shards/"
-            )
-        load_shards(ckpt.path, model, optimizer)
-    elif sharded:  # a ddp or one-process run continued sharded
-        try:
-            load_unsharded(model, optimizer, weights, trainer["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise TrainError(f"cannot resume from {ckpt.path} sharded: {exc}") from exc
-    else:
-        load_weights_into(model, weights, ckpt.path)
-        optimizer.load_state_dict(trainer["optimizer"])
+    with keeping_settings(optimizer):  # the checkpoint's moments, this run's betas, decay and scales
+        if trainer.get("sharded"):
+            if not has_shards(ckpt.path):
+                raise TrainError(
+                    f"cannot resume from {ckpt.path}: it was written sharded but has no complete shards/"
+                )
+            load_shards(ckpt.path, model, optimizer)
+        elif sharded:  # a ddp or one-process run continued sharded
+            try:
+                load_unsharded(model, optimizer, weights, trainer["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise TrainError(f"cannot resume from {ckpt.path} sharded: {exc}") from exc
+        else:
+            load_weights_into(model, weights, ckpt.path)
+            optimizer.load_state_dict(trainer["optimizer"])
     scaler.load_state_dict(trainer["scaler"])
     sampler.load_state_dict(trainer["sampler"])
     state.step, state.tokens, state.elapsed = trainer["step"], trainer["tokens"], trainer["elapsed"]

@@ -291,8 +291,7 @@ def resolve_platform(pcfg: PlatformConfig, cfg: ExperimentConfig, base: Path) ->
     ray = _ray_device(ray, cfg.train.device)
     if ray.strategy == "fsdp" and cfg.optim.unshardable():
         raise ConfigError(
-            f"ray.strategy=fsdp does not support {', '.join(cfg.optim.unshardable())}: set optim.ema_decay=0 "
-            "optim.optimizer=adamw, or use ray.strategy=ddp"
+            f"ray.strategy=fsdp does not support {cfg.optim.unshardable()}, or use ray.strategy=ddp"
         )
 
     tr = pcfg.tracking

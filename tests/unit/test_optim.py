@@ -86,3 +86,14 @@ def test_orthogonalize_brings_every_singular_value_near_one() -> None:
     assert values.min() > 0.6 and values.max() < 1.25, values
     raw = torch.linalg.svdvals(x[1])
     assert raw.max() / raw.min() > 2  # the input was not near-orthogonal already
+
+
+def test_a_muon_step_without_gradients_changes_nothing() -> None:
+    params = _matrices()
+    before = [p.detach().clone() for p in params]
+    optimizer = Muon(params, lr=0.01, weight_decay=0.1)
+    optimizer.step()  # no gradients yet, as torch.optim.Muon allows
+    params[0].grad = torch.ones_like(params[0])
+    optimizer.step()  # one matrix with a gradient: only it moves
+    assert not torch.equal(params[0], before[0])
+    assert all(torch.equal(p, b) for p, b in zip(params[1:], before[1:]))

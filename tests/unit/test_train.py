@@ -179,6 +179,22 @@ def test_muon_trains_and_its_learning_rate_follows_the_schedule_times_its_scale(
     assert groups[0]["lr"] == pytest.approx(6e-3)  # the schedule's 3e-3 at optim.muon_lr_scale=2
 
 
+def test_a_resume_trains_on_with_this_runs_optimizer_settings(toy_cfg) -> None:
+    kw = dict(optim__optimizer="muon", optim__schedule="constant", optim__warmup_steps=0, optim__lr=1e-3)
+    train(toy_cfg(train__max_steps=10, optim__muon_lr_scale=2.0, **kw))
+    changed = toy_cfg(train__max_steps=12, optim__muon_lr_scale=4.0, optim__muon_momentum=0.9,
+                      optim__weight_decay=0.2, optim__beta2=0.99, **kw)  # fmt: skip
+    result = train(changed)
+    assert result.resumed_from.name == "step-000010" and result.trained_steps == 2
+    saved = load_checkpoint(result.last_checkpoint).trainer_state()["optimizer"]
+    (muon,) = saved["muon"]["param_groups"]
+    assert (muon["lr"], muon["lr_scale"], muon["momentum"], muon["weight_decay"]) == pytest.approx(
+        (4e-3, 4, 0.9, 0.2)
+    )
+    assert all(tuple(g["betas"]) == (changed.optim.beta1, 0.99) for g in saved["adamw"]["param_groups"])
+    assert len(saved["muon"]["state"]) == len(muon["params"])  # the momentum buffers came through the resume
+
+
 def test_resuming_with_another_optimizer_is_refused_before_anything_is_written(toy_cfg) -> None:
     first = train(toy_cfg(train__max_steps=10))
     before = sorted(p.name for p in first.last_checkpoint.parent.iterdir())
@@ -278,11 +294,18 @@ def test_a_weight_average_switched_on_at_resume_starts_from_the_training_weights
 @pytest.mark.parametrize(
     "optim, refused",
     [
-        (["optim.ema_decay=0.99"], r"optim.ema_decay=0.99 \(the weight average"),
-        (["optim.optimizer=muon"], r"optim.optimizer=muon \(sharded checkpoints"),
+        (
+            ["optim.ema_decay=0.99"],
+            r"optim.ema_decay=0.99 \(the weight average[^,]*\): set optim.ema_decay=0,",
+        ),
+        (
+            ["optim.optimizer=muon"],
+            r"optim.optimizer=muon \(Muon would orthogonalize each rank's shard[^,]*\): "
+            r"set optim.optimizer=adamw,",
+        ),
         (
             ["optim.ema_decay=0.9", "optim.optimizer=muon"],
-            r"optim.ema_decay=0.9 \(.*\), optim.optimizer=muon",
+            r"optim.ema_decay=0.9 \(.*\), optim.optimizer=muon .*: set optim.ema_decay=0 optim.optimizer=adamw,",
         ),
     ],
 )

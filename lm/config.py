@@ -164,9 +164,10 @@ class OptimConfig(Section):
     """AdamW (or Muon on the hidden matrices) with decoupled weight decay, warmup then a learning-rate schedule."""
 
     section: ClassVar[str] = "optim"
-    # adamw: AdamW over every parameter. muon: Muon (torch.optim.Muon) over the weight matrices inside the blocks,
-    # AdamW over embeddings, LayerNorms and biases (lm.optim). Muon's learning rate is lr * muon_lr_scale, its
-    # update scaled to an AdamW update's RMS; beta1/beta2/eps are AdamW's, muon_momentum is Muon's.
+    # adamw: AdamW over every parameter. muon: Muon (torch.optim.Muon's update) over the weight matrices inside the
+    # blocks, AdamW over the embedding, the output head, LayerNorms and biases (lm.optim). Muon's learning rate is
+    # lr * muon_lr_scale, its update scaled to an AdamW update's RMS; beta1/beta2/eps are AdamW's, muon_momentum
+    # is Muon's.
     optimizer: str = field(default="adamw", metadata=_choices("adamw", "muon"))
     muon_lr_scale: float = 1.0
     muon_momentum: float = 0.95

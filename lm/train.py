@@ -445,7 +445,7 @@ def _setup(
 
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = TransformerLM(cfg.model).to(device)
-    # Wrapped before the optimizer exists: FSDP replaces the parameters by their shards, and the optimizer must hold those.
+    # Wrapped before the optimizer exists: FSDP replaces the parameters by shards, which the optimizer must hold.
     wrapped = dist.wrap_model(model)
     sharded = is_sharded(model)
     if sharded and cfg.optim.unshardable():

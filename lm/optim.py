@@ -52,13 +52,8 @@ def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
     head = getattr(model, "lm_head", None)
     if head is not None:
         excluded.add(id(head.weight))
-    seen: set[int] = set()
-    matrices = []
-    for p in model.parameters():
-        if p.requires_grad and p.dim() == 2 and id(p) not in excluded and id(p) not in seen:
-            seen.add(id(p))
-            matrices.append(p)
-    return matrices
+    # parameters() yields a shared Parameter once
+    return [p for p in model.parameters() if p.requires_grad and p.dim() == 2 and id(p) not in excluded]
 
 
 def orthogonalize(
@@ -148,10 +143,6 @@ class MuonAdamW:
     def param_groups(self) -> list[dict[str, Any]]:
         # A property, not a list made once: load_state_dict gives each optimizer new group dicts.
         return [*self.muon.param_groups, *self.adamw.param_groups]
-
-    @property
-    def state(self) -> dict[torch.Tensor, Any]:
-        return {**self.muon.state, **self.adamw.state}
 
     def step(self, closure: None = None) -> None:
         if closure is not None:

@@ -448,10 +448,9 @@ def _setup(
     # Wrapped before the optimizer exists: FSDP replaces the parameters by shards, which the optimizer must hold.
     wrapped = dist.wrap_model(model)
     sharded = is_sharded(model)
-    if sharded and cfg.optim.unshardable():
-        raise TrainError(
-            f"sharded (FSDP) training does not support {cfg.optim.unshardable()}, or use ray.strategy=ddp"
-        )
+    unshardable = cfg.optim.unshardable() if sharded else None
+    if unshardable:
+        raise TrainError(f"sharded (FSDP) training does not support {unshardable}, or use ray.strategy=ddp")
     optimizer = build_optimizer(model, cfg.optim, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = BlockSampler(
@@ -562,10 +561,8 @@ def _loop(run: _Run, stop: _StopRequests, clock: Callable[[], float]) -> bool:
 def _train_step(run: _Run, lr: float) -> tuple[torch.Tensor, float | None]:
     """One optimizer step over ``grad_accum_steps`` micro-batches; returns (mean loss, gradient norm)."""
     cfg, tc = run.cfg, run.cfg.train
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr * group.get(
-            "lr_scale", 1.0
-        )  # Muon's group runs at optim.muon_lr_scale times the schedule
+    for group in run.optimizer.param_groups:  # Muon's group runs at optim.muon_lr_scale times the schedule
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     step_loss = torch.zeros((), device=run.device)
     for micro in range(tc.grad_accum_steps):
         x, y = run.sampler.next_batch()

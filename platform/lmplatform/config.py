@@ -289,10 +289,9 @@ def resolve_platform(pcfg: PlatformConfig, cfg: ExperimentConfig, base: Path) ->
         storage = str((base / Path(storage).expanduser()).resolve())
     ray = dataclasses.replace(ray, storage_path=storage, run_name=ray.run_name or cfg.name)
     ray = _ray_device(ray, cfg.train.device)
-    if ray.strategy == "fsdp" and cfg.optim.unshardable():
-        raise ConfigError(
-            f"ray.strategy=fsdp does not support {cfg.optim.unshardable()}, or use ray.strategy=ddp"
-        )
+    unshardable = cfg.optim.unshardable() if ray.strategy == "fsdp" else None
+    if unshardable:
+        raise ConfigError(f"ray.strategy=fsdp does not support {unshardable}, or use ray.strategy=ddp")
 
     tr = pcfg.tracking
     repo = find_repo_root(base)

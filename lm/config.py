@@ -186,9 +186,12 @@ class OptimConfig(Section):
     decay_embeddings: bool = False
     # An exponential moving average of the weights, updated after every step (0 = off). When on, evaluation,
     # checkpoints' model.safetensors, best/ and everything that loads them use the average; trainer.pt keeps the
-    # training weights for resume. 0.99 averages over about the last 100 steps once the decay, which warms up as
-    # (1 + step) / (10 + step), reaches it (step 890).
+    # training weights for resume. ema_decay caps the decay: 0.99 averages about the last 100 steps. Until the cap,
+    # the average grows with the run and covers about the last ema_horizon of the steps so far (the decay after
+    # step t is h(1 + t) / (1 + h(1 + t)) for h = ema_horizon): 0.1 reaches 0.99 at step 989; 1 weighs every
+    # step's weights alike (the initial ones twice).
     ema_decay: float = 0.0
+    ema_horizon: float = 0.1
 
     def unshardable(self) -> str | None:
         """What here sharded (FSDP) training cannot do, why, and which settings to change; None if nothing."""
@@ -217,6 +220,12 @@ class OptimConfig(Section):
             "optim.ema_decay",
             self.ema_decay,
             "must be in [0, 1) (0 = no weight average; 0.99 averages about the last 100 steps)",
+        )
+        check(
+            0.0 < self.ema_horizon <= 1.0,
+            "optim.ema_horizon",
+            self.ema_horizon,
+            "must be in (0, 1] (the fraction of the steps so far the weight average covers; 1 = all of them)",
         )
         check(
             0.0 < self.decay_fraction <= 1.0,

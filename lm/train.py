@@ -235,19 +235,22 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
 class WeightAverage:
     """An exponential moving average of a model's weights (``optim.ema_decay``), held in a copy of the model.
 
-    The decay warms up as ``min(decay, (1 + step) / (10 + step))``, so the random initial weights fade within the
-    first steps instead of weighing on the average for hundreds.
+    The decay warms up with the run: after step ``t`` it is ``min(decay, h (1 + t) / (1 + h (1 + t)))`` for
+    ``h = horizon`` (``optim.ema_horizon``), an average over about the last ``h`` of the steps so far. The random
+    initial weights fade within the first steps instead of weighing on the average for hundreds, and the average
+    keeps pace with a run of any length until it reaches ``decay``.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
+    def __init__(self, model: nn.Module, decay: float, horizon: float) -> None:
+        self.decay, self.horizon = decay, horizon
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self._pairs = list(zip(self.model.parameters(), model.parameters()))  # a tied weight is one parameter
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold in the weights as they are after optimizer step ``step`` (1 = the first)."""
-        weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
+        span = self.horizon * (1 + step)
+        weight = 1.0 - min(self.decay, span / (1 + span))
         for average, current in self._pairs:
             average.lerp_(current, weight)
 
@@ -947,7 +950,7 @@ def _weight_average(
     """
     if not cfg.optim.ema_decay:
         return None
-    ema = WeightAverage(model, cfg.optim.ema_decay)
+    ema = WeightAverage(model, cfg.optim.ema_decay, cfg.optim.ema_horizon)
     if checked is not None and checked[1].get("train_weights") is not None:
         load_weights_into(ema.model, checked[0].weights, checked[0].path)
     return ema

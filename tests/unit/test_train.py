@@ -233,18 +233,22 @@ def test_resume_after_a_crash_is_bit_identical(
     assert straight.metrics["val_loss"] == resumed.metrics["val_loss"]
 
 
-def test_the_weight_average_folds_in_each_step_with_a_warming_up_decay() -> None:
+@pytest.mark.parametrize(
+    "horizon, warming",
+    [(0.1, lambda step: (1 + step) / (11 + step)), (0.25, lambda step: (1 + step) / (5 + step))],
+)
+def test_the_weight_average_folds_in_each_step_with_a_warming_up_decay(horizon, warming) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     start = [p.detach().clone() for p in model.parameters()]
-    ema = WeightAverage(model, decay=0.2)
+    ema = WeightAverage(model, decay=0.3, horizon=horizon)
     expected = start
     for step in (1, 2, 3, 4):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(float(step))
         ema.update(step)
-        decay = min(0.2, (1 + step) / (10 + step))  # 2/11 while warming up, then the configured 0.2
+        decay = min(0.3, warming(step))  # 2/12 (horizon 0.1) or 2/6 (0.25) at first, then the configured cap
         expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, model.parameters())]
     for average, want in zip(ema.model.parameters(), expected):
         torch.testing.assert_close(average, want)
@@ -280,6 +284,20 @@ def test_with_a_weight_average_the_checkpoints_hold_it_and_every_score_is_its_ow
     )
     plain = train(toy_cfg(train__max_steps=30, train__out_dir=Path(cfg.train.out_dir).parent / "plain"))
     assert load_checkpoint(plain.last_checkpoint).trainer_state()["train_weights"] is None
+
+
+def test_the_run_averages_over_its_configured_horizon(toy_cfg, tmp_path: Path) -> None:
+    def average(horizon: float) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"h{horizon}"
+        cfg = toy_cfg(
+            train__max_steps=8, optim__ema_decay=0.999, optim__ema_horizon=horizon, train__out_dir=out
+        )
+        return load_checkpoint(train(cfg).last_checkpoint).weights
+
+    # the same training weights (same seed), averaged over the last tenth of the steps or over all of them
+    short, long = average(0.1), average(1.0)
+    assert all(torch.isfinite(v).all() for v in long.values())
+    assert any(not torch.allclose(short[k], long[k]) for k in short)
 
 
 def test_a_weight_average_switched_on_at_resume_starts_from_the_training_weights(toy_cfg) -> None:
@@ -328,6 +346,8 @@ def test_out_of_range_optimizer_settings_name_the_key() -> None:
     for key, bad, allowed in [
         ("ema_decay", -0.1, r"must be in \[0, 1\)"),
         ("ema_decay", 1.0, r"must be in \[0, 1\)"),
+        ("ema_horizon", 0.0, r"must be in \(0, 1\]"),
+        ("ema_horizon", 1.5, r"must be in \(0, 1\]"),
         ("muon_momentum", 1.0, r"must be in \[0, 1\)"),
         ("muon_lr_scale", 0.0, "must be > 0"),
     ]:

@@ -445,6 +445,7 @@ def _setup(
         CheckpointManager(out_dir).recover()  # a kill while `best` was replaced: put the old one back
     checked = _checked_resume(cfg, out_dir, resume, data)  # nothing written before everything is checked
     resumed_from = checked[0].path if checked is not None else None
+    _agree_on_resume(dist, checked)
 
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = TransformerLM(cfg.model).to(device)
@@ -732,6 +733,9 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
             )  # fmt: skip
             _score_best_on_val(run)
             update_run_record(run.manager.out_dir, metrics=metrics)
+    # No rank returns before rank 0's last checkpoint is on disk: a caller that starts the next run on every rank
+    # (a resume) must find it there, not a directory half-way through being replaced.
+    run.dist.all_max([0.0])
     best = run.manager.best_path if run.dist.is_main and run.manager.best_path.exists() else None
     return TrainResult(
         state.step, state.tokens, state.elapsed, Path(tc.out_dir), run.last_checkpoint, best, metrics,
@@ -851,6 +855,24 @@ def _gather_rng(dist: DistributedContext) -> list[dict[str, Any]]:
 
 def _budget(tc: TrainConfig) -> dict[str, float | None]:
     return {"max_steps": tc.max_steps, "max_tokens": tc.max_tokens, "max_seconds": tc.max_seconds}
+
+
+def _agree_on_resume(dist: DistributedContext, checked: tuple[Checkpoint, dict[str, Any]] | None) -> None:
+    """Every rank must resume from the same step (or none start fresh); else all of them raise now, where a rank
+    that trained other steps than the rest would deadlock the group's next all-reduce."""
+    step = float(checked[1]["step"]) if checked is not None else -1.0
+    highest, minus_lowest = dist.all_max([step, -step])
+    if highest != -minus_lowest:
+        mine = f"{checked[0].path} (step {int(step)})" if checked is not None else "a fresh start"
+        raise TrainError(
+            f"the ranks disagree on where to resume: rank {dist.rank} found {mine}, and the group's steps range from "
+            f"{_resume_step_name(-minus_lowest)} to {_resume_step_name(highest)}; every rank must see the same run "
+            "directory (one filesystem all nodes mount) and be given the same resume argument"
+        )
+
+
+def _resume_step_name(step: float) -> str:
+    return "a fresh start" if step < 0 else f"step {int(step)}"
 
 
 def _resume_path(manager: CheckpointManager, resume: bool | str | Path) -> Path | None:

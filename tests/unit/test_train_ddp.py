@@ -1,8 +1,10 @@
 """lm/train.py's own data-parallel path: two real gloo processes, DDP with ``no_sync`` accumulation, per-rank RNG
-across a resume and a stop request that every rank agrees on (no Ray: the launcher is a plain process group)."""
+across a resume, a stop request that every rank agrees on, and ranks told to resume from different steps, which
+must all refuse rather than deadlock (no Ray: the launcher is a plain process group)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lm.checkpoint import load_checkpoint
 from lm.config import load_config
-from lm.train import DistributedContext, Hooks, train
+from lm.train import DistributedContext, Hooks, TrainError, train
 
 WORLD = 2
 
@@ -37,9 +39,12 @@ class _StopAt(Hooks):
         return self.rank == 1 and self.seen >= self.step
 
 
-def _worker(rank: int, init_file: str, phases: list[tuple[str, list[str]]]) -> None:
+def _worker(rank: int, init_file: str, phases: list[tuple[str, list[str]]], resume_from: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # A hang (ranks out of step) fails in 2 minutes instead of gloo's default 30
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(minutes=2)
+    )
     try:
         ctx = DistributedContext(
             rank=rank, world_size=WORLD, device=torch.device("cpu"), wrap_model=DistributedDataParallel,
@@ -47,6 +52,12 @@ def _worker(rank: int, init_file: str, phases: list[tuple[str, list[str]]]) -> N
         )  # fmt: skip
         for kind, overrides in phases:
             cfg = load_config(None, overrides)
+            # rank 0 resumes from a checkpoint, rank 1 starts fresh: both refuse at once
+            if kind == "disagree":
+                resume = Path(resume_from) if rank == 0 else False
+                with pytest.raises(TrainError, match="the ranks disagree on where to resume"):
+                    train(cfg, dist=ctx, resume=resume, handle_signals=False)
+                continue
             hooks = _StopAt(rank, 4) if kind == "stop" else None
             result = train(cfg, dist=ctx, hooks=hooks, handle_signals=False)
             if kind == "stop":
@@ -65,8 +76,12 @@ def test_two_gloo_ranks_match_one_process_and_resume_bit_identically(toy_args, t
     )
     straight = toy_args(train__out_dir=tmp_path / "straight", **dropout)
     halves = toy_args(train__out_dir=tmp_path / "halves", **dropout)
-    phases = [("run", accum), ("run", straight), ("stop", halves), ("run", halves)]
-    mp.spawn(_worker, args=(str(tmp_path / "init"), phases), nprocs=WORLD, join=True)
+    disagree = toy_args(train__out_dir=tmp_path / "disagree", **dropout)
+    # Rank 1 leaves "stop" while rank 0 still replaces step-000004: "run" must find it, on every rank.
+    phases = [("run", accum), ("run", straight), ("stop", halves), ("run", halves), ("disagree", disagree)]
+    resume_from = str(tmp_path / "straight" / "step-000004")
+    mp.spawn(_worker, args=(str(tmp_path / "init"), phases, resume_from), nprocs=WORLD, join=True)
+    assert not list((tmp_path / "disagree").glob("step-*"))  # refused before anything was written
 
     # 2 ranks x 4 sequences x 2 micro-batches (no_sync on the first) == one process with 16 sequences
     single = train(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,10 @@ def _check_unsharded_load(cfg_overrides: list[str], ckpt: Path, copy_to: Path) -
 
 def _worker(rank: int, world: int, init_file: str, phases: list[tuple[str, list[str], str | None]]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A hang (ranks out of step) fails in 2 minutes instead of gloo's default 30
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(minutes=2)
+    )
     try:
         for kind, overrides, extra in phases:
             if kind == "tie":

@@ -443,9 +443,8 @@ def _setup(
     data = data or prepare_data(cfg, progress=dist.is_main)
     if resume is True and dist.is_main:
         CheckpointManager(out_dir).recover()  # a kill while `best` was replaced: put the old one back
-    checked = _checked_resume(cfg, out_dir, resume, data)  # nothing written before everything is checked
+    checked = _checked_resume_on_every_rank(cfg, out_dir, resume, data, dist)  # nothing written before this
     resumed_from = checked[0].path if checked is not None else None
-    _agree_on_resume(dist, checked)
 
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = TransformerLM(cfg.model).to(device)
@@ -857,11 +856,33 @@ def _budget(tc: TrainConfig) -> dict[str, float | None]:
     return {"max_steps": tc.max_steps, "max_tokens": tc.max_tokens, "max_seconds": tc.max_seconds}
 
 
-def _agree_on_resume(dist: DistributedContext, checked: tuple[Checkpoint, dict[str, Any]] | None) -> None:
-    """Every rank must resume from the same step (or none start fresh); else all of them raise now, where a rank
-    that trained other steps than the rest would deadlock the group's next all-reduce."""
+def _checked_resume_on_every_rank(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    resume: bool | str | Path,
+    data: PreparedData,
+    dist: DistributedContext,
+) -> tuple[Checkpoint, dict[str, Any]] | None:
+    """:func:`_checked_resume` on every rank, which must all resume from the same step (or all start fresh).
+
+    A rank that fails the checks, or ranks that disagree, make every rank raise here, where a rank that went on
+    alone would deadlock the group's next all-reduce.
+    """
+    try:
+        checked, error = _checked_resume(cfg, out_dir, resume, data), None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+        checked, error = None, exc
     step = float(checked[1]["step"]) if checked is not None else -1.0
-    highest, minus_lowest = dist.all_max([step, -step])
+    failed_rank, highest, minus_lowest = dist.all_max(
+        [float(dist.rank) if error is not None else -1.0, step, -step]
+    )
+    if error is not None:
+        raise error
+    if failed_rank >= 0:
+        raise TrainError(
+            f"rank {int(failed_rank)} could not resume from {out_dir} (its error is in its log), so rank "
+            f"{dist.rank} stops too"
+        )
     if highest != -minus_lowest:
         mine = f"{checked[0].path} (step {int(step)})" if checked is not None else "a fresh start"
         raise TrainError(
@@ -869,6 +890,7 @@ def _agree_on_resume(dist: DistributedContext, checked: tuple[Checkpoint, dict[s
             f"{_resume_step_name(-minus_lowest)} to {_resume_step_name(highest)}; every rank must see the same run "
             "directory (one filesystem all nodes mount) and be given the same resume argument"
         )
+    return checked
 
 
 def _resume_step_name(step: float) -> str:

@@ -1,9 +1,10 @@
 """lm/train.py's own data-parallel path: two real gloo processes, DDP with ``no_sync`` accumulation, per-rank RNG
-across a resume, a stop request that every rank agrees on, and ranks told to resume from different steps, which
-must all refuse rather than deadlock (no Ray: the launcher is a plain process group)."""
+across a resume, a stop request that every rank agrees on, and ranks told to resume from different steps, or one
+rank that cannot resume, which must all refuse rather than deadlock (no Ray: the launcher is a plain process group)."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,16 +28,22 @@ def _all_max(values: list[float]) -> list[float]:
 
 
 class _StopAt(Hooks):
-    """Asks only rank 1 to stop: the loop must still stop every rank at the same step."""
+    """Asks only rank 1 to stop: the loop must still stop every rank at the same step. Rank 0 is slow to finish its
+    last checkpoint (a second, then a marker file): no rank may leave train() before it is done."""
 
-    def __init__(self, rank: int, step: int) -> None:
-        self.rank, self.step, self.seen = rank, step, 0
+    def __init__(self, rank: int, step: int, marker: Path) -> None:
+        self.rank, self.step, self.seen, self.marker = rank, step, 0, marker
 
     def on_log(self, step: int, metrics: dict) -> None:
         self.seen = step
 
     def should_stop(self) -> bool:
         return self.rank == 1 and self.seen >= self.step
+
+    def on_checkpoint(self, step: int, metrics: dict, path: Path | None) -> None:
+        if self.rank == 0 and metrics.get("interrupted"):
+            time.sleep(1.0)
+            self.marker.write_text("rank 0 is done")
 
 
 def _worker(rank: int, init_file: str, phases: list[tuple[str, list[str]]], resume_from: str) -> None:
@@ -58,10 +65,23 @@ def _worker(rank: int, init_file: str, phases: list[tuple[str, list[str]]], resu
                 with pytest.raises(TrainError, match="the ranks disagree on where to resume"):
                     train(cfg, dist=ctx, resume=resume, handle_signals=False)
                 continue
-            hooks = _StopAt(rank, 4) if kind == "stop" else None
+            # rank 1 cannot read its checkpoint: rank 1 raises its error, rank 0 says rank 1 failed
+            if kind == "one-fails":
+                missing = Path(resume_from).parent / "step-999999"
+                error = (
+                    pytest.raises(Exception)
+                    if rank == 1
+                    else pytest.raises(TrainError, match="rank 1 could not")
+                )
+                with error:
+                    train(cfg, dist=ctx, resume=missing if rank == 1 else False, handle_signals=False)
+                continue
+            marker = Path(cfg.train.out_dir).parent / "rank-0-done"
+            hooks = _StopAt(rank, 4, marker) if kind == "stop" else None
             result = train(cfg, dist=ctx, hooks=hooks, handle_signals=False)
             if kind == "stop":
                 assert result.interrupted and result.step == 4, (rank, result.step)
+                assert marker.exists(), rank  # nobody returned before rank 0's last checkpoint was complete
     finally:
         dist.destroy_process_group()
 
@@ -78,10 +98,13 @@ def test_two_gloo_ranks_match_one_process_and_resume_bit_identically(toy_args, t
     halves = toy_args(train__out_dir=tmp_path / "halves", **dropout)
     disagree = toy_args(train__out_dir=tmp_path / "disagree", **dropout)
     # Rank 1 leaves "stop" while rank 0 still replaces step-000004: "run" must find it, on every rank.
-    phases = [("run", accum), ("run", straight), ("stop", halves), ("run", halves), ("disagree", disagree)]
+    phases = [
+        ("run", accum), ("run", straight), ("stop", halves), ("run", halves), ("disagree", disagree),
+        ("one-fails", disagree),
+    ]  # fmt: skip
     resume_from = str(tmp_path / "straight" / "step-000004")
     mp.spawn(_worker, args=(str(tmp_path / "init"), phases, resume_from), nprocs=WORLD, join=True)
-    assert not list((tmp_path / "disagree").glob("step-*"))  # refused before anything was written
+    assert not list((tmp_path / "disagree").glob("step-*"))  # both refused before anything was written
 
     # 2 ranks x 4 sequences x 2 micro-batches (no_sync on the first) == one process with 16 sequences
     single = train(

@@ -734,7 +734,7 @@ def _finish(run: _Run, interrupted: bool) -> TrainResult:
             update_run_record(run.manager.out_dir, metrics=metrics)
     # No rank returns before rank 0's last checkpoint is on disk: a caller that starts the next run on every rank
     # (a resume) must find it there, not a directory half-way through being replaced.
-    run.dist.all_max([0.0])
+    _barrier(run.dist)
     best = run.manager.best_path if run.dist.is_main and run.manager.best_path.exists() else None
     return TrainResult(
         state.step, state.tokens, state.elapsed, Path(tc.out_dir), run.last_checkpoint, best, metrics,

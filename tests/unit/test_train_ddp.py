@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from lm.checkpoint import load_checkpoint
+from lm.checkpoint import CheckpointError, load_checkpoint
 from lm.config import load_config
 from lm.train import DistributedContext, Hooks, TrainError, train
 
@@ -69,7 +69,7 @@ def _worker(rank: int, init_file: str, phases: list[tuple[str, list[str]]], resu
             if kind == "one-fails":
                 missing = Path(resume_from).parent / "step-999999"
                 error = (
-                    pytest.raises(Exception)
+                    pytest.raises(CheckpointError, match="does not exist")
                     if rank == 1
                     else pytest.raises(TrainError, match="rank 1 could not")
                 )

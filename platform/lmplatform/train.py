@@ -51,6 +51,7 @@ from lm.data import prepare_data
 from lm.sharding import fsdp_wrapper
 from lm.train import DistributedContext, Hooks, preflight, resolve_amp, resolve_device, train
 from lmplatform.config import PlatformConfig, RayConfig
+from lmplatform.prewarm import prestart_train_workers, worker_runtime_env
 from lmplatform.tracking import MetricLogger, RunTracker, TrackingHooks, start_run
 
 log = logging.getLogger("lmplatform.train")
@@ -222,10 +223,13 @@ class _StopPoller:
 # Driver
 
 
-def ensure_ray(rc: RayConfig, log_to_driver: bool = True, tracking_uri: str | None = None) -> None:
+def ensure_ray(
+    rc: RayConfig, log_to_driver: bool = True, tracking_uri: str | None = None, prestart: bool = False
+) -> None:
     """Connect to ``ray.address`` / RAY_ADDRESS / a running local head, else start a quiet local Ray; then check
     the cluster can hold the worker group, since Ray Train otherwise waits for resources without a word, and
     (``tracking_uri``) that a cluster of several nodes tracks to a server, not to one node's file.
+    ``prestart`` (one Train run, on a Ray this call starts): start its worker processes now (lmplatform.prewarm).
     ``log_to_driver=False`` (sweeps: a live table instead) leaves the workers' output in Ray's log files."""
     import ray
 
@@ -259,6 +263,8 @@ def ensure_ray(rc: RayConfig, log_to_driver: bool = True, tracking_uri: str | No
     if started_here:
         os.environ.setdefault(_PREEMPTION_ENV, "0")
         start_train_coordinator()
+        if prestart:
+            prestart_train_workers(rc.num_workers, tracking_uri)
     check_resources(rc, ray.cluster_resources(), fixed=started_here)
     from lmplatform.cluster import check_cluster  # imports this module
 
@@ -526,6 +532,8 @@ def build_trainer(rc: RayConfig, loop_config: dict[str, Any]) -> Any:
     from ray.train.torch import TorchTrainer
 
     resources: dict[str, float] = {"CPU": rc.cpus_per_worker}
+    env = worker_runtime_env()  # the processes lmplatform.prewarm prestarted were given this one
+    prestarted = {"worker_runtime_env": env} if env is not None else {}
     if rc.use_gpu:
         resources["GPU"] = rc.gpus_per_worker or 1.0
     return TorchTrainer(
@@ -548,6 +556,7 @@ def build_trainer(rc: RayConfig, loop_config: dict[str, Any]) -> Any:
             failure_config=ray.train.FailureConfig(max_failures=rc.max_failures),
             # Train's per-report INFO lines drown lm's progress lines; warnings and errors still show.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            **prestarted,
         ),
     )
 
@@ -575,7 +584,9 @@ def _start_ray_and_tracking(
         )  # fmt: skip
         try:
             if rc.num_workers > 0:  # local mode runs in this process and needs no cluster (saves seconds)
-                ensure_ray(rc, tracking_uri=pcfg.tracking.uri if pcfg.tracking.enabled else None)
+                ensure_ray(
+                    rc, tracking_uri=pcfg.tracking.uri if pcfg.tracking.enabled else None, prestart=True
+                )
         except BaseException as exc:
             tracker = opening.result()
             if tracker is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lmplatform import prewarm
 from lmplatform.cli import main
 from lmplatform.tracking import mlflow_client
 
@@ -158,6 +159,13 @@ def test_entry_points_and_no_import_time_side_effects(tmp_path: Path) -> None:
     assert "runs" in helped.stdout and "train" in helped.stdout
 
 
+def _environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
 def _wait_for(proc: subprocess.Popen, needle: str, seen: list[str]) -> None:
     """Read the child's stderr until a line contains ``needle`` (the test's timeout bounds the wait)."""
     assert proc.stderr is not None
@@ -190,8 +198,12 @@ def test_a_signal_stops_every_rank_at_one_checkpoint_and_ends_the_run_killed(
     try:
         _wait_for(proc, "| loss", seen)  # training is under way
         if workers:  # the training workers run at the command's priority, not Ray's nice 15
-            ranks = [p for p in descendants(proc.pid) if cmdline(p).startswith("ray::RayTrainWorker")]
+            procs = descendants(proc.pid)
+            ranks = [p for p in procs if cmdline(p).startswith("ray::RayTrainWorker")]
             assert len(ranks) == workers and {nice_of(p) for p in ranks} == {nice_of(proc.pid)}
+            # lmplatform.prewarm: the processes started with the warm-up hook before fit() are the ranks, so Ray
+            # handed them to Train (a runtime environment spelt differently would leave them idle beside new ones)
+            assert sorted(p for p in procs if prewarm.HOOK.encode() in _environ(p)) == sorted(ranks)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=300)
     finally:

@@ -51,7 +51,7 @@ from lm.data import prepare_data
 from lm.sharding import fsdp_wrapper
 from lm.train import DistributedContext, Hooks, preflight, resolve_amp, resolve_device, train
 from lmplatform.config import PlatformConfig, RayConfig
-from lmplatform.prewarm import prestart_train_workers, worker_runtime_env
+from lmplatform.prewarm import prestart_train_workers, take_worker_runtime_env
 from lmplatform.tracking import MetricLogger, RunTracker, TrackingHooks, start_run
 
 log = logging.getLogger("lmplatform.train")
@@ -263,12 +263,12 @@ def ensure_ray(
     if started_here:
         os.environ.setdefault(_PREEMPTION_ENV, "0")
         start_train_coordinator()
-        if prestart:
-            prestart_train_workers(rc.num_workers, tracking_uri)
     check_resources(rc, ray.cluster_resources(), fixed=started_here)
     from lmplatform.cluster import check_cluster  # imports this module
 
     check_cluster(rc, tracking_uri, [n for n in ray.nodes() if n.get("Alive")], fixed=started_here)
+    # 0 workers: nothing prestarted, and nothing an earlier run in this process prestarted is handed to this one
+    prestart_train_workers(rc.num_workers if started_here and prestart else 0, tracking_uri)
 
 
 def start_train_coordinator() -> bool:
@@ -532,7 +532,7 @@ def build_trainer(rc: RayConfig, loop_config: dict[str, Any]) -> Any:
     from ray.train.torch import TorchTrainer
 
     resources: dict[str, float] = {"CPU": rc.cpus_per_worker}
-    env = worker_runtime_env()  # the processes lmplatform.prewarm prestarted were given this one
+    env = take_worker_runtime_env()  # the processes lmplatform.prewarm prestarted were given this one
     prestarted = {"worker_runtime_env": env} if env is not None else {}
     if rc.use_gpu:
         resources["GPU"] = rc.gpus_per_worker or 1.0

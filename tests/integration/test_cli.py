@@ -159,6 +159,11 @@ def test_entry_points_and_no_import_time_side_effects(tmp_path: Path) -> None:
     assert "runs" in helped.stdout and "train" in helped.stdout
 
 
+def _started(pid: int) -> int:
+    """When a process started, in clock ticks since boot (/proc/PID/stat's 22nd field)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
 def _environ(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/environ").read_bytes()
@@ -201,9 +206,15 @@ def test_a_signal_stops_every_rank_at_one_checkpoint_and_ends_the_run_killed(
             procs = descendants(proc.pid)
             ranks = [p for p in procs if cmdline(p).startswith("ray::RayTrainWorker")]
             assert len(ranks) == workers and {nice_of(p) for p in ranks} == {nice_of(proc.pid)}
-            # lmplatform.prewarm: the processes started with the warm-up hook before fit() are the ranks, so Ray
-            # handed them to Train (a runtime environment spelt differently would leave them idle beside new ones)
-            assert sorted(p for p in procs if prewarm.HOOK.encode() in _environ(p)) == sorted(ranks)
+            # lmplatform.prewarm: the ranks run in the processes prestarted with the warm-up hook, which started
+            # before Train's controller did; a runtime environment spelt differently would leave those idle beside
+            # new ranks, and a prestart that never happened would leave new ranks only
+            (controller,) = [p for p in procs if cmdline(p).startswith("ray::TrainController")]
+            assert all(_started(p) < _started(controller) for p in ranks)
+            hooked = [
+                p for p in procs if cmdline(p).startswith("ray::") and prewarm.HOOK.encode() in _environ(p)
+            ]
+            assert sorted(hooked) == sorted(ranks)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=300)
     finally:

@@ -360,7 +360,9 @@ def test_logprobs_are_the_models_distribution(engine_class: type[Engine], tok: T
 def test_cancel_frees_the_row_within_one_step_for_a_waiting_request(
     engine_class: type[Engine], tok: Tokenizer
 ) -> None:
-    model = scripted(tok, byte_ids(tok, b"never ending "))  # no EOS: only the cancel stops it
+    # No EOS: only the cancel stops it. Each step takes 20 ms: the process engine's counters are those of the
+    # child's last message, and with sub-millisecond steps a loaded machine let the reader fall a step behind.
+    model = scripted(tok, byte_ids(tok, b"never ending "), cls=PacedLM)
 
     async def go():
         engine = engine_class(model, tok, max_batch_size=1)
@@ -541,6 +543,12 @@ class SlowLM(ScriptedLM):
     def forward_rows(self, *args, **kw) -> torch.Tensor:
         time.sleep(self.delay)
         return super().forward_rows(*args, **kw)
+
+
+class PacedLM(SlowLM):
+    """A scripted model whose steps take 20 ms."""
+
+    delay = 0.02
 
 
 @ENGINES

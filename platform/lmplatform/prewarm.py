@@ -26,7 +26,6 @@ import json
 import logging
 import os
 from typing import Any
-from urllib.parse import urlparse
 
 log = logging.getLogger("lmplatform.prewarm")
 
@@ -92,10 +91,12 @@ def prestart_train_workers(num_workers: int, tracking_uri: str | None) -> bool:
             raise RuntimeError("this process has no Ray")
         if not ray.__version__.startswith(_TESTED_RAY):
             raise RuntimeError(f"checked against Ray {_TESTED_RAY}x, this is {ray.__version__}")
+        from ray.train.v2._internal.constants import is_v2_enabled
+
+        if not is_v2_enabled():
+            raise RuntimeError("Ray Train V1 has no worker_runtime_env, and its workers start another way")
         if ray.get_runtime_context().get_runtime_env_string() not in ("", "{}"):
-            raise RuntimeError(
-                "the job has a runtime environment, which Train's workers inherit and ours lacks"
-            )
+            raise RuntimeError("the job has a runtime environment: Train's workers inherit it, ours lack it")
         runtime_env = {"env_vars": _own_env_vars(num_workers, tracking_uri)}
         _request(num_workers, _train_worker_runtime_env(runtime_env["env_vars"]))
     except Exception as exc:  # noqa: BLE001  (an internal moved: train as before)
@@ -110,10 +111,9 @@ def _own_env_vars(num_workers: int, tracking_uri: str | None) -> dict[str, str]:
     from ray.runtime_env import RuntimeEnv
 
     own = {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: HOOK}
+    # One worker is rank 0, the one that logs; opening a store the driver is still creating would race.
     if num_workers == 1 and tracking_uri and _store_exists(tracking_uri):
-        own[TRACKING_ENV] = (
-            tracking_uri  # one worker is rank 0; opening a store the driver is creating would race
-        )
+        own[TRACKING_ENV] = tracking_uri
     RuntimeEnv(env_vars=own)  # Ray's own validation, before any process gets it
     return own
 
@@ -171,10 +171,9 @@ def _ray_identity() -> tuple[str, str]:
 
 def _store_exists(uri: str) -> bool:
     """Whether an MLflow store is already there to open (a tracking server always is)."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
+    from lmplatform.tracking import sqlite_file
+
+    if uri.startswith(("http://", "https://")):
         return True
-    if parsed.scheme == "sqlite":
-        path = uri.removeprefix("sqlite:///")
-        return bool(path) and os.path.isfile(path) and os.path.getsize(path) > 0
-    return False
+    db = sqlite_file(uri)
+    return db is not None and db.is_file() and db.stat().st_size > 0

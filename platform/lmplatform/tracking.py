@@ -965,9 +965,14 @@ def _summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_one_line(message)}" if message else type(exc).__name__
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` MLflow URI; None for any other store."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
 def _existing_store(uri: str) -> MlflowClient:
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
+    db = sqlite_file(uri)
+    if db is not None:
         if not db.is_file():
             raise TrackingError(
                 f"no MLflow store at {db}: train a model first (lm train experiments/tiny.yaml)"

@@ -5,6 +5,7 @@ tests/integration/test_cli.py's signal test: the ranks run in processes started 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,6 @@ print(json.dumps({"before": before, "after": "torch._dynamo" in sys.modules, "wa
 
 
 def _warm_up_in_a_new_process(env: dict[str, str]) -> dict[str, bool]:
-    import os
-
     out = subprocess.run(
         [sys.executable, "-c", _PROBE], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
     )
@@ -60,20 +59,18 @@ def test_the_spelling_covers_everything_train_puts_in_its_workers_environment(
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # lm train sets it; Train propagates it
     own = {"LMLAB_X": "ü/1"}
     trains = WorkerGroup._get_worker_runtime_env({"env_vars": own})
-    ours = json.loads(prewarm._train_worker_runtime_env(own))
+    serialized = prewarm._train_worker_runtime_env(own)
+    ours = json.loads(serialized)
     assert set(trains) == {"env_vars"} == set(ours)  # Train adds no other field to the workers' environment
     assert trains["env_vars"].items() <= ours["env_vars"].items()
     assert ours["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
-    assert '"LMLAB_X":"ü/1"' in prewarm._train_worker_runtime_env(
-        own
-    )  # compact, unescaped, like the core worker
+    assert '"LMLAB_X":"ü/1"' in serialized  # compact, unescaped, like the core worker
 
 
 def test_the_store_is_opened_only_where_it_exists(tmp_path: Path) -> None:
     db = tmp_path / "mlflow.db"
-    assert not prewarm._store_exists(
-        f"sqlite:///{db}"
-    )  # the driver may be creating it: opening it would race
+    # the driver may be creating it: opening it would race
+    assert not prewarm._store_exists(f"sqlite:///{db}")
     db.write_bytes(b"x")
     assert prewarm._store_exists(f"sqlite:///{db}")
     assert prewarm._store_exists("http://127.0.0.1:5000")

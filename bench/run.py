@@ -1,6 +1,8 @@
-"""Benchmarks: training throughput against transformers' GPT-2, KV-cache generation, MFU, and serving under load.
+"""Benchmarks: training throughput against transformers' GPT-2, KV-cache generation, MFU, serving under load, and
+lm train's time to its first step.
 
     python -m bench.run                       # everything, on CPU with the current thread count (serve: minutes)
+    python -m bench.run --only startup              # lm train on Ray to its first step (bench/startup.py, minutes)
     python -m bench.run --only train,generate,mfu   # without the serving load test
     python -m bench.run --only train --device cuda --amp bf16
     python -m bench.run --only fsdp                 # ddp vs fsdp memory per worker (bench/fsdp_memory.py)
@@ -297,9 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="train,generate,mfu,serve",
-        help="a comma-separated subset of train,generate,mfu,serve, or fsdp (ddp vs fsdp memory per worker, "
-        "bench/fsdp_memory.py; not in the default)",
+        default="train,generate,mfu,serve,startup",
+        help="a comma-separated subset of train,generate,mfu,serve,startup (lm train's time to its first step, "
+        "bench/startup.py), or fsdp (ddp vs fsdp memory per worker, bench/fsdp_memory.py; not in the default)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
@@ -379,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.serve_load import main as serve_main
 
         serve_main([])
+    if "startup" in only:  # its own results file (startup.json): lm train on Ray, prestarted or not, in turns
+        from bench.startup import main as startup_main
+
+        startup_main([])
     if "fsdp" in only:  # its own results file (fsdp_memory.json): two pairs of gloo worker processes
         from bench.fsdp_memory import main as fsdp_main
 

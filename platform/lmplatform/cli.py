@@ -29,15 +29,15 @@ ERRORS: tuple[type[Exception], ...] = (*lm_cli.USER_ERRORS, PlatformError, Track
 def _process_start() -> float:
     """When this process started, so that "time to first step" includes the interpreter's start and the imports.
 
-    Linux: the process's start in clock ticks since boot (/proc/self/stat) against the uptime. Elsewhere psutil,
-    where it is installed (Ray vendors its own, which is not importable before ``import ray``); else now.
+    Linux: the process's start in clock ticks since boot (/proc/self/stat) against the time since boot. Elsewhere
+    psutil, where it is installed (Ray vendors its own, which is not importable before ``import ray``); else now.
     """
     try:
         after_name = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
         started_ticks = int(after_name[19])  # field 22, starttime; the fields after the name start at field 3
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - (uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)  # the clock starttime counts on
+        return time.time() - (since_boot - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):  # AttributeError: no CLOCK_BOOTTIME (not Linux)
         pass
     try:
         import psutil

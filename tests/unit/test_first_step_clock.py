@@ -1,0 +1,47 @@
+"""lmplatform/cli.py's clock for "time from command start to the first training step" (no Ray needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's start from /proc")
+def test_the_first_step_clock_starts_with_the_process_not_after_its_imports() -> None:
+    """The printed "time from command start" counts the interpreter's start and the imports (2-5 s on 2 cores),
+    not only what comes after them: the start is read from the process's own record, not taken when the command
+    runs (the old code fell back to "now", here at least a second after the process's first statement)."""
+    code = (
+        "import time; first = time.time(); time.sleep(1.0)\n"
+        "from lmplatform.cli import _process_start\n"
+        "print(first, _process_start())"
+    )
+    before = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    first, started = map(float, out.split())
+    assert (
+        before - 0.05 <= started <= first + 0.05
+    )  # starttime has 10-ms ticks, and the reading can be preempted
+
+
+def test_the_startup_bench_reads_what_lm_train_prints_and_keeps_its_runs_out_of_the_users_store(
+    tmp_path,
+) -> None:
+    from bench.startup import TRAINING, command, first_step_s, summary
+
+    assert first_step_s("done\ntime from command start to the first training step: 17.9s\n") == 17.9
+    assert first_step_s("val perplexity 1870.72\n") is None
+    line = (
+        "23:21:22 training tiny: 658,944 parameters (396,800 non-embedding), 2048 tokens/step, Muon + AdamW"
+    )
+    assert TRAINING.search(line) and not TRAINING.search("--- sample: training is over")
+    cmd = command(tmp_path)
+    assert f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}" in cmd and cmd[cmd.index("--out") + 1] == str(
+        tmp_path / "run"
+    )
+    assert summary([{"first_step_s": v} for v in (14.0, 12.0, 19.0)]) == {
+        "runs": [14.0, 12.0, 19.0], "median_s": 14.0, "min_s": 12.0, "max_s": 19.0,
+    }  # fmt: skip

@@ -1,6 +1,6 @@
 """Time from the command to the first training step of `lm train` on Ray: issue 15 asks for 12 s on a second run.
 
-    python -m bench.startup                 # 3 pairs: prestarted workers, then LMLAB_PREWARM=0; one warm-up run first
+    python -m bench.startup             # a warm-up run, then 3 pairs: prestarted workers, LMLAB_PREWARM=0
     python -m bench.startup --pairs 5
 
 Each run is ``lm train experiments/tiny.yaml train.max_seconds=3 --out DIR --restart --no-sample`` on a Ray of its
@@ -80,7 +80,7 @@ def summary(runs: list[dict]) -> dict:
 
 
 def measure(pairs: int) -> dict:
-    """A warm-up run, then ``pairs`` turns of each way of starting, alternating; per mode, every run and a summary."""
+    """A warm-up run, then ``pairs`` alternating turns of each way of starting: per mode, its runs and a summary."""
     with tempfile.TemporaryDirectory(prefix="lmlab-startup-", dir="/tmp") as tmp:
         temp = Path(tmp)
         print("warm-up run (creates the scratch MLflow store; not counted)...", flush=True)

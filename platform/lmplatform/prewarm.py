@@ -9,8 +9,8 @@ environment Ray Train will give its workers, and that environment names :func:`w
 hook: those processes import everything (and, for one worker, open an existing MLflow store) while the controller
 starts. When Train then creates its worker actors, Ray hands them these processes, because their runtime
 environment matches. On 2 cores, ``lm train experiments/tiny.yaml train.max_seconds=3`` reached its first step
-about 4 s sooner: 13.2-14.7 s instead of 18.5-18.6 s (``LMLAB_PREWARM=0``, alternating runs in one hour, counted from
-after the imports as the command printed it then).
+about 4 s sooner: 13.2-14.7 s instead of 18.5-18.6 s (``LMLAB_PREWARM=0``, alternating runs in one hour, counted
+from after the imports, as the command printed it then; ``python -m bench.startup`` measures it now).
 
 Only for a Ray this process started (one machine, ours), whose job has no runtime environment of its own (``uv
 run`` gives it one, and Train's would then differ from ours); a cluster we join is left alone. Everything here

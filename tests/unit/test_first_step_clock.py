@@ -22,9 +22,8 @@ def test_the_first_step_clock_starts_with_the_process_not_after_its_imports() ->
     before = time.time()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     first, started = map(float, out.split())
-    assert (
-        before - 0.05 <= started <= first + 0.05
-    )  # starttime has 10-ms ticks, and the reading can be preempted
+    # starttime has 10-ms ticks, and the reading can be preempted
+    assert before - 0.05 <= started <= first + 0.05
 
 
 def test_the_startup_bench_reads_what_lm_train_prints_and_keeps_its_runs_out_of_the_users_store(

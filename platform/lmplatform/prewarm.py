@@ -71,7 +71,7 @@ def take_worker_runtime_env() -> dict[str, Any] | None:
 
     prestarted = dict(_prestarted)
     _prestarted.clear()
-    if not prestarted or not ray.is_initialized() or _ray_identity() != prestarted["ray"]:
+    if not prestarted or not ray.is_initialized() or ray_identity() != prestarted["ray"]:
         return None
     return prestarted["runtime_env"]
 
@@ -103,7 +103,7 @@ def prestart_train_workers(num_workers: int, tracking_uri: str | None) -> bool:
     except Exception as exc:  # noqa: BLE001  (an internal moved: train as before)
         log.debug("not prestarting Ray Train's workers: %s", exc)
         return False
-    _prestarted.update(ray=_ray_identity(), runtime_env=runtime_env)
+    _prestarted.update(ray=ray_identity(), runtime_env=runtime_env)
     return True
 
 
@@ -163,7 +163,7 @@ def _request(num_workers: int, serialized_runtime_env: str) -> None:
         channel.close()
 
 
-def _ray_identity() -> tuple[str, str]:
+def ray_identity() -> tuple[str, str]:
     """This process's Ray: job ids restart at 01000000 on every new cluster, session names do not."""
     import ray
 

@@ -50,6 +50,7 @@ from lm.config import ExperimentConfig, build, to_dict
 from lm.data import prepare_data
 from lm.sharding import fsdp_wrapper
 from lm.train import DistributedContext, Hooks, preflight, resolve_amp, resolve_device, train
+from lmplatform import lean
 from lmplatform.config import PlatformConfig, RayConfig
 from lmplatform.prewarm import prestart_train_workers, take_worker_runtime_env
 from lmplatform.tracking import MetricLogger, RunTracker, TrackingHooks, start_run
@@ -269,6 +270,8 @@ def ensure_ray(
     check_cluster(rc, tracking_uri, [n for n in ray.nodes() if n.get("Alive")], fixed=started_here)
     # 0 workers: nothing prestarted, and nothing an earlier run in this process prestarted is handed to this one
     prestart_train_workers(rc.num_workers if started_here and prestart else 0, tracking_uri)
+    # a single run on a Ray it started: Ray ends with this process, so Train's placement-group cleaner has no work
+    lean.claim_cluster(started_here and prestart)
 
 
 def start_train_coordinator() -> bool:
@@ -530,16 +533,18 @@ def _fit(trainer: Any) -> Any:
 def build_trainer(rc: RayConfig, loop_config: dict[str, Any]) -> Any:
     """The TorchTrainer for :func:`_train_loop_per_worker` with scaling, storage, checkpoints and restarts."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     resources: dict[str, float] = {"CPU": rc.cpus_per_worker}
     env = take_worker_runtime_env()  # the processes lmplatform.prewarm prestarted were given this one
     prestarted = {"worker_runtime_env": env} if env is not None else {}
     if rc.use_gpu:
         resources["GPU"] = rc.gpus_per_worker or 1.0
-    return TorchTrainer(
+    # Without the Train parts lm never uses (lmplatform.lean): fewer processes taking the worker's cores.
+    trainer_class = lean.trainer_class(own_cluster=lean.take_own_cluster())
+    return trainer_class(
         _train_loop_per_worker,
         train_loop_config=loop_config,
+        torch_config=lean.torch_config(rc.strategy, rc.num_workers),
         scaling_config=ray.train.ScalingConfig(
             num_workers=rc.num_workers,
             use_gpu=rc.use_gpu,

@@ -164,6 +164,17 @@ def _started(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
 
 
+def _has_gloo_thread(pid: int) -> bool:
+    """Whether a process runs a torch.distributed gloo thread (a process group's)."""
+    names = []
+    for task in Path(f"/proc/{pid}/task").glob("*/comm"):
+        try:
+            names.append(task.read_text())
+        except OSError:  # a thread that just ended
+            pass
+    return any("gloo" in name for name in names)
+
+
 def _environ(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/environ").read_bytes()
@@ -215,6 +226,13 @@ def test_a_signal_stops_every_rank_at_one_checkpoint_and_ends_the_run_killed(
                 p for p in procs if cmdline(p).startswith("ray::") and prewarm.HOOK.encode() in _environ(p)
             ]
             assert sorted(hooked) == sorted(ranks)
+            # lmplatform.lean: on the Ray this run started, no dataset manager (lm gives Train no datasets) and no
+            # placement-group cleaner (Ray ends with the run); a single DDP rank has no process group (no gloo
+            # thread), two ranks need one
+            actors = {cmdline(p).split()[0] for p in procs if cmdline(p).startswith("ray::")}
+            assert {"ray::TrainController.run", "ray::RayTrainWorker"} <= actors
+            assert not actors & {"ray::DatasetManager", "ray::PlacementGroupCleaner"}
+            assert [_has_gloo_thread(p) for p in ranks] == [workers > 1] * workers
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=300)
     finally:

@@ -1,0 +1,75 @@
+"""lmplatform/lean.py without a Ray: which of Ray Train's parts an lm run leaves out, and where it keeps them. (On a
+Ray that `lm train` starts, tests/integration/test_cli.py's signal test checks the processes themselves: no dataset
+manager, no placement-group cleaner, no gloo thread in a single rank.)"""
+
+from __future__ import annotations
+
+import pytest
+from lmplatform import lean
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+
+def _noop(config: dict) -> None:
+    return None
+
+
+def _callback_types(trainer_class: type, **kwargs: object) -> set[type]:
+    trainer = trainer_class(_noop, train_loop_config={}, **kwargs)
+    return {type(callback) for callback in trainer._create_default_callbacks()}
+
+
+def test_a_run_on_its_own_ray_has_neither_dataset_manager_nor_cleaner() -> None:
+    types = _callback_types(lean.trainer_class(own_cluster=True))
+    assert not types & {DatasetsCallback, PlacementGroupCleanerCallback}
+    assert types  # the rest (backend set-up, accelerators, the user callbacks' handler) stays
+
+
+def test_a_sweep_or_a_joined_cluster_keeps_the_cleaner() -> None:
+    # a trial's controller can die while the sweep's driver lives on: the cleaner frees its resources
+    types = _callback_types(lean.trainer_class(own_cluster=False))
+    assert PlacementGroupCleanerCallback in types
+    assert DatasetsCallback not in types
+
+
+def test_given_datasets_the_trainer_keeps_their_manager() -> None:
+    types = _callback_types(lean.trainer_class(own_cluster=True), datasets={"train": [1, 2, 3]})
+    assert DatasetsCallback in types
+
+
+def test_lmlab_lean_0_gives_ray_train_as_it_comes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(lean.SWITCH_ENV, "0")
+    assert lean.trainer_class(own_cluster=True) is TorchTrainer
+    assert type(lean.torch_config("ddp", 1)) is TorchConfig
+    assert {DatasetsCallback, PlacementGroupCleanerCallback} <= _callback_types(TorchTrainer)
+
+
+class _Group:
+    """A stand-in for Train's worker group: on_start only asks its length before anything else."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.asked: list[str] = []
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getattr__(self, name: str) -> object:
+        self.asked.append(name)
+        raise RuntimeError(f"{name}: the process group set-up started")
+
+
+def test_only_a_single_ddp_worker_goes_without_a_process_group() -> None:
+    config = lean.torch_config("ddp", 1)
+    assert isinstance(config, TorchConfig) and config.backend_cls is not TorchConfig().backend_cls
+    group = _Group(1)
+    config.backend_cls().on_start(group, config)  # nothing to set up for a group of one
+    assert group.asked == []
+    resized = _Group(2)  # a group that grows gets its process group
+    with pytest.raises(RuntimeError, match="process group set-up started"):
+        config.backend_cls().on_start(resized, config)
+    assert resized.asked
+    # two DDP workers, and FSDP even on one (its device mesh needs the group), keep Train's own backend
+    assert type(lean.torch_config("ddp", 2)) is TorchConfig
+    assert type(lean.torch_config("fsdp", 1)) is TorchConfig

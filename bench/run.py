@@ -3,6 +3,7 @@ lm train's time to its first step.
 
     python -m bench.run                       # everything, on CPU with the current thread count (serve: minutes)
     python -m bench.run --only startup              # lm train on Ray to its first step (bench/startup.py, minutes)
+    python -m bench.run --only share                # lm train's steps on Ray vs --local (bench/ray_share.py, 20 min)
     python -m bench.run --only train,generate,mfu   # without the serving load test
     python -m bench.run --only train --device cuda --amp bf16
     python -m bench.run --only fsdp                 # ddp vs fsdp memory per worker (bench/fsdp_memory.py)
@@ -292,6 +293,9 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]]) ->
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
 
 
+SECTIONS = {"train", "generate", "mfu", "serve", "startup", "share", "fsdp"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmarks, print tables, write JSON."""
     parser = argparse.ArgumentParser(
@@ -301,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         default="train,generate,mfu,serve,startup",
         help="a comma-separated subset of train,generate,mfu,serve,startup (lm train's time to its first step, "
-        "bench/startup.py), or fsdp (ddp vs fsdp memory per worker, bench/fsdp_memory.py; not in the default)",
+        "bench/startup.py), or fsdp (ddp vs fsdp memory per worker, bench/fsdp_memory.py) or share (lm train's "
+        "steps on Ray against --local in 120 s, bench/ray_share.py; about 20 minutes); those two not in the default",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
@@ -328,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     only = set(args.only.split(","))
+    unknown = sorted(only - SECTIONS)
+    if unknown:
+        parser.error(
+            f"--only {args.only}: unknown {', '.join(unknown)} (known: {', '.join(sorted(SECTIONS))})"
+        )
     results: dict = {
         "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "amp": args.amp, "compile": args.compile,
@@ -385,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.startup import main as startup_main
 
         startup_main([])
+    if "share" in only:  # its own results file (ray_share.json): lm train on Ray and --local, in turns
+        from bench.ray_share import main as share_main
+
+        share_main([])
     if "fsdp" in only:  # its own results file (fsdp_memory.json): two pairs of gloo worker processes
         from bench.fsdp_memory import main as fsdp_main
 

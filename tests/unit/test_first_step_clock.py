@@ -44,3 +44,42 @@ def test_the_startup_bench_reads_what_lm_train_prints_and_keeps_its_runs_out_of_
     assert summary([{"first_step_s": v} for v in (14.0, 12.0, 19.0)]) == {
         "runs": [14.0, 12.0, 19.0], "median_s": 14.0, "min_s": 12.0, "max_s": 19.0,
     }  # fmt: skip
+
+
+def test_the_share_bench_reads_lm_trains_result_line_and_takes_ratios_within_rounds() -> None:
+    from bench.ray_share import final_line, summarise
+
+    out = (
+        "ray run: /tmp/x (best checkpoint: /tmp/x/best)\n"
+        "tiny: step 601, 60.0s of training -> val perplexity 48.83, 2.1788 bits/byte (val loss 3.8884)\n"
+    )
+    assert final_line(out) == {"steps": 601, "trained_s": 60.0, "val_ppl": 48.83}
+    assert final_line("Traceback (most recent call last):\n") is None
+
+    def run(steps: int) -> dict:
+        return {"steps": steps, "val_ppl": 50.0, "first_step_s": 15.0}
+
+    rounds = [  # the second round is slow for all three: its ratios still count, its raw steps do not mislead
+        {"ray": run(600), "ray, LMLAB_LEAN=0": run(540), "local": run(625)},
+        {"ray": run(300), "ray, LMLAB_LEAN=0": run(270), "local": run(310)},
+        {"ray": run(610), "ray, LMLAB_LEAN=0": run(550), "local": run(620)},
+    ]
+    modes = summarise(rounds)
+    assert modes["ray"]["share_per_round"] == [0.96, 0.968, 0.984]
+    assert modes["ray"]["median_share"] == 0.968
+    assert modes["ray, LMLAB_LEAN=0"]["median_share"] == 0.871
+    assert modes["local"]["median_steps"] == 620 and "median_share" not in modes["local"]
+
+
+def test_the_bench_names_an_unknown_section(capsys) -> None:
+    import pytest
+
+    from bench.run import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--only", "train,shares"])
+    assert exit_info.value.code == 2
+    assert (
+        "--only train,shares: unknown shares (known: fsdp, generate, mfu, serve, share, startup, train)"
+        in (capsys.readouterr().err)
+    )

@@ -80,7 +80,7 @@ job-sweep: setup ## submit `lm sweep SWEEP` as a Ray job, like make job
 mlflow-server: setup ## a shared MLflow tracking server on 127.0.0.1:5000 (ARGS='--host 0.0.0.0' for a cluster)
 	$(BIN)/lm mlflow-server $(ARGS)
 
-bench: setup ## throughput, generation, MFU, serving-load and time-to-first-step benchmarks (tables; bench/results/*.json); ARGS='--only train' for one
+bench: setup ## throughput, generation, MFU, serving-load and time-to-first-step benchmarks (tables; bench/results/*.json); ARGS='--only train' for one, '--only share' for Ray's share of the steps (20 min)
 	$(BIN)/python -m bench.run $(ARGS)
 
 bench-serve: setup ## lm serve under load per batching mode (minutes; bench/results/serve.json); ARGS='--soak-seconds 300' soaks

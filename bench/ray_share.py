@@ -29,7 +29,9 @@ from bench.startup import first_step_s
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-FINAL = re.compile(r"^\S+: step (\d+), ([0-9.]+)s of training -> val perplexity ([0-9.]+)", re.MULTILINE)
+FINAL = re.compile(
+    r"^\S+: step (\d+), ([0-9.]+)s of training -> val perplexity ([0-9.]+), ([0-9.]+) bits/byte", re.MULTILINE
+)
 MODES: dict[str, tuple[list[str], dict[str, str]]] = {
     "ray": ([], {}),
     "ray, LMLAB_LEAN=0": ([], {"LMLAB_LEAN": "0"}),
@@ -39,15 +41,12 @@ TARGET = 0.98
 
 
 def final_line(output: str) -> dict | None:
-    """Steps, seconds trained and val perplexity from the run's result line, or None when it printed none."""
+    """Steps, seconds trained, val perplexity and bits per byte from the run's result line (None: no such line)."""
     found = FINAL.search(output)
     if found is None:
         return None
-    return {
-        "steps": int(found.group(1)),
-        "trained_s": float(found.group(2)),
-        "val_ppl": float(found.group(3)),
-    }
+    steps, trained_s, ppl, bits = found.groups()
+    return {"steps": int(steps), "trained_s": float(trained_s), "val_ppl": float(ppl), "val_bpb": float(bits)}
 
 
 def one_run(temp: Path, mode: str, seconds: float) -> dict:
@@ -77,7 +76,8 @@ def summarise(rounds: list[dict[str, dict]]) -> dict:
     for mode in MODES:
         steps = [r[mode]["steps"] for r in rounds]
         modes[mode] = {"steps": steps, "median_steps": statistics.median(steps),
-                       "val_ppl": [r[mode]["val_ppl"] for r in rounds]}  # fmt: skip
+                       "val_ppl": [r[mode]["val_ppl"] for r in rounds],
+                       "val_bpb": [r[mode]["val_bpb"] for r in rounds]}  # fmt: skip
         if mode != "local":
             shares = [r[mode]["steps"] / r["local"]["steps"] for r in rounds]
             modes[mode]["share_per_round"] = [round(s, 3) for s in shares]

@@ -53,11 +53,11 @@ def test_the_share_bench_reads_lm_trains_result_line_and_takes_ratios_within_rou
         "ray run: /tmp/x (best checkpoint: /tmp/x/best)\n"
         "tiny: step 601, 60.0s of training -> val perplexity 48.83, 2.1788 bits/byte (val loss 3.8884)\n"
     )
-    assert final_line(out) == {"steps": 601, "trained_s": 60.0, "val_ppl": 48.83}
+    assert final_line(out) == {"steps": 601, "trained_s": 60.0, "val_ppl": 48.83, "val_bpb": 2.1788}
     assert final_line("Traceback (most recent call last):\n") is None
 
     def run(steps: int) -> dict:
-        return {"steps": steps, "val_ppl": 50.0, "first_step_s": 15.0}
+        return {"steps": steps, "val_ppl": 50.0, "val_bpb": 2.2, "first_step_s": 15.0}
 
     rounds = [  # the second round is slow for all three: its ratios still count, its raw steps do not mislead
         {"ray": run(600), "ray, LMLAB_LEAN=0": run(540), "local": run(625)},

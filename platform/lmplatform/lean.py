@@ -10,10 +10,14 @@ Ray Train 2.60 gives one worker a controller and four more actors. Three things 
   Data datasets. lm passes none; its own sampler reads the token blocks.
 - the placement-group cleaner (``PlacementGroupCleanerCallback``): an actor that asks Ray's state API every
   second whether the controller still lives, to free the run's resources if the controller dies while the
-  driver lives on. Left out only where the driver's own Ray ends with it: a single ``lm train`` run on a Ray it
-  started. Sweeps and clusters keep it (a trial's controller can die while the sweep goes on).
-- the torch process group of a single DDP worker: gloo's thread, which also wakes 100 times a second, and two
-  rounds of remote calls to set it up, for a group of one. FSDP keeps it, since its device mesh needs one.
+  driver lives on. Left out only for a single run on a Ray that ``ensure_ray`` started for it (``lm train``, whose
+  Ray ends with its process; a Python caller of ``run_training`` on such a Ray would have to start the next run
+  on a fresh one, or ``ray.shutdown()`` first, if a controller ever died). Sweeps and clusters keep it (a
+  trial's controller can die while the sweep goes on).
+- the torch process group of a single DDP worker: gloo's thread, which also wakes 100 times a second, and four
+  rounds of remote calls to set it up, for a group of one. FSDP keeps it, since its device mesh needs one. The
+  worker then also lacks the variables Train sets for torch.distributed (``RANK``, ``LOCAL_RANK``,
+  ``WORLD_SIZE``, ``MASTER_ADDR``...), which lm does not read.
 
 These lean on Ray internals checked against Ray 2.60 (``_create_default_callbacks``, the two callback classes,
 ``_TorchBackend``). Where any of them is missing, Train runs with all its parts, as it comes.
@@ -44,7 +48,10 @@ def claim_cluster(owned: bool) -> None:
 
     _own_cluster.clear()
     if owned:
-        _own_cluster["ray"] = ray_identity()
+        try:
+            _own_cluster["ray"] = ray_identity()
+        except Exception as exc:  # noqa: BLE001  (a Ray internal moved: keep the cleaner)
+            log.debug("keeping Train's placement-group cleaner: %s", exc)
 
 
 def take_own_cluster() -> bool:

@@ -231,6 +231,22 @@ def test_the_coordinator_the_driver_starts_early_is_the_one_train_uses(ray_clust
     assert used._actor_id == early._actor_id  # found by name, not created a second time
 
 
+def test_only_a_run_on_the_ray_it_started_drops_trains_placement_group_cleaner_and_only_once(
+    ray_cluster, make_config
+) -> None:
+    from lmplatform import lean
+    from lmplatform.train import ensure_ray
+
+    # a Ray this process joined (the session's, as a sweep's trials or a cluster's driver do): no claim
+    _, pcfg = make_config("ray.num_workers=1")
+    lean.claim_cluster(True)  # left over from an earlier run: ensure_ray replaces it
+    ensure_ray(pcfg.ray, prestart=True)
+    assert lean.take_own_cluster() is False
+    lean.claim_cluster(True)  # what ensure_ray records on a Ray it started for the run
+    assert lean.take_own_cluster() is True
+    assert lean.take_own_cluster() is False  # a second run on that Ray keeps the cleaner
+
+
 def test_the_stop_flag_reaches_a_worker_through_the_gcs_and_is_deleted_with_the_run(
     ray_cluster, make_config
 ) -> None:

@@ -11,6 +11,11 @@ from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 
+@pytest.fixture(autouse=True)
+def _lean_as_shipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(lean.SWITCH_ENV, raising=False)  # a user's LMLAB_LEAN=0 must not decide these tests
+
+
 def _noop(config: dict) -> None:
     return None
 

@@ -15,20 +15,16 @@ Results: bench/results/ray_share.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.startup import first_step_s
+from bench.startup import ROOT, command, first_step_s, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 FINAL = re.compile(
     r"^\S+: step (\d+), ([0-9.]+)s of training -> val perplexity ([0-9.]+), ([0-9.]+) bits/byte", re.MULTILINE
 )
@@ -52,15 +48,10 @@ def final_line(output: str) -> dict | None:
 def one_run(temp: Path, mode: str, seconds: float) -> dict:
     """One `lm train` in ``mode``; its steps, val perplexity and (on Ray) time to the first step."""
     extra, env_vars = MODES[mode]
-    args = [
-        sys.executable, "-m", "lmplatform", "train", str(ROOT / "experiments" / "tiny.yaml"),
-        f"train.max_seconds={seconds:g}", f"tracking.uri=sqlite:///{temp / 'mlflow.db'}",
-        "--out", str(temp / "run"), "--restart", "--no-sample", *extra,
-    ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LMLAB_LEAN")}  # a Ray of its own
     env.update(env_vars)
     started = time.time()
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(command(temp, seconds, extra), cwd=ROOT, env=env, capture_output=True, text=True)
     output = proc.stdout + proc.stderr
     result = final_line(output)
     if proc.returncode != 0 or result is None:
@@ -133,10 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seconds {args.seconds:g}: must be positive")
     result = measure(args.rounds, args.seconds)
     print_report(result)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "ray_share.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_results("ray_share.json", result)
     return 0
 
 

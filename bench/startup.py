@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,13 +40,23 @@ def first_step_s(output: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def command(temp: Path) -> list[str]:
-    """One short `lm train` on Ray, its run and its MLflow store under ``temp``."""
+def command(temp: Path, seconds: float = 3, extra: Sequence[str] = ()) -> list[str]:
+    """`lm train experiments/tiny.yaml` for ``seconds`` (short: on Ray, unless ``extra`` says ``--local``), its run
+    and its MLflow store under ``temp``."""
     return [
         sys.executable, "-m", "lmplatform", "train", str(ROOT / "experiments" / "tiny.yaml"),
-        "train.max_seconds=3", f"tracking.uri=sqlite:///{temp / 'mlflow.db'}",
-        "--out", str(temp / "run"), "--restart", "--no-sample",
+        f"train.max_seconds={seconds:g}", f"tracking.uri=sqlite:///{temp / 'mlflow.db'}",
+        "--out", str(temp / "run"), "--restart", "--no-sample", *extra,
     ]  # fmt: skip
+
+
+def write_results(name: str, result: dict) -> Path:
+    """Write a bench's result to bench/results/``name`` and say where."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / name
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return out
 
 
 def one_run(temp: Path, prewarm: str) -> dict:
@@ -120,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--pairs {args.pairs}: must be at least 1")
     result = measure(args.pairs)
     print_report(result)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "startup.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_results("startup.json", result)
     return 0
 
 

@@ -17,28 +17,76 @@ Ray Train 2.60 gives one worker a controller and four more actors. Three things 
 - the torch process group of a single DDP worker: gloo's thread, which also wakes 100 times a second, and four
   rounds of remote calls to set it up, for a group of one. FSDP keeps it, since its device mesh needs one. The
   worker then also lacks the variables Train sets for torch.distributed (``RANK``, ``LOCAL_RANK``,
-  ``WORLD_SIZE``, ``MASTER_ADDR``...), which lm does not read.
+  ``WORLD_SIZE``, ``MASTER_ADDR``...), which lm does not read. Its backend config is not a ``TorchConfig``, whose
+  module imports torch: Train's controller unpickles it, and with ``build_trainer`` passing the loop's config as
+  an object reference, the controller starts without importing torch or lm (2-3 s less of its start, which
+  Train's worker waited for).
+
+A Ray that ``ensure_ray`` starts on this machine also goes without processes ``ray.init`` always starts
+(:func:`bare_head`): Ray's API server (with ``include_dashboard=False`` it serves only usage statistics, and
+``ray.init`` waits 1.5-2 s for it to publish its address), the autoscaler's monitor (a fixed local cluster has
+nothing to scale) and the idle workers the raylet prestarts for the first driver, one per CPU (one became Train's
+autoscaling coordinator; the other idled, waking 100 times a second, through the whole run; the coordinator now
+gets a process of its own when ``ensure_ray`` creates it, and Train's worker the one ``prewarm`` asks for).
 
 These lean on Ray internals checked against Ray 2.60 (``_create_default_callbacks``, the two callback classes,
-``_TorchBackend``). Where any of them is missing, Train runs with all its parts, as it comes.
-``LMLAB_LEAN=0`` keeps them all (for comparisons).
+``_TorchBackend``, ``Node.start_api_server``/``start_monitor``, the ``prestart_worker_first_driver`` setting).
+Where any of them is missing, Ray and Train run with all their parts, as they come. ``LMLAB_LEAN=0`` keeps them
+all (for comparisons).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger("lmplatform.lean")
 
 SWITCH_ENV = "LMLAB_LEAN"  # "0": Ray Train with all its default parts (for comparisons)
+_TESTED_RAY = "2.60."
+_HEAD_EXTRAS = ("start_api_server", "start_monitor")  # the ray._private.node.Node methods bare_head skips
 
 _own_cluster: dict[str, Any] = {}  # the Ray (session, job) that one `lm train` run started for itself
 
 
 def enabled() -> bool:
     return os.environ.get(SWITCH_ENV) != "0"
+
+
+@contextlib.contextmanager
+def bare_head() -> Iterator[dict[str, Any]]:
+    """Around the ``ray.init`` that starts a local Ray: yields the extra ``ray.init`` options, and while it lasts
+    the head starts without its API server and autoscaler monitor (one process fewer each, and ``ray.init``
+    returns without waiting for the API server). Yields ``{}`` and changes nothing where switched off or where
+    this Ray is not the one this was checked against."""
+    import ray
+
+    try:
+        from ray._private.node import Node
+
+        if not enabled():
+            raise RuntimeError(f"{SWITCH_ENV}=0")
+        if not ray.__version__.startswith(_TESTED_RAY):
+            raise RuntimeError(f"checked against Ray {_TESTED_RAY}x, this is {ray.__version__}")
+        originals = {name: Node.__dict__[name] for name in _HEAD_EXTRAS}
+    except (ImportError, KeyError, RuntimeError) as exc:
+        log.debug("a local Ray with all its processes: %s", exc)
+        yield {}
+        return
+
+    def skip(self: Any, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    for name in _HEAD_EXTRAS:
+        setattr(Node, name, skip)
+    try:
+        yield {"_system_config": {"prestart_worker_first_driver": False}}
+    finally:
+        for name, original in originals.items():
+            setattr(Node, name, original)
 
 
 def claim_cluster(owned: bool) -> None:
@@ -97,27 +145,63 @@ def trainer_class(own_cluster: bool) -> type:
 
 
 def torch_config(strategy: str, num_workers: int) -> Any:
-    """Train's TorchConfig; for a single DDP worker, one whose backend sets up no process group."""
+    """Train's TorchConfig; for a single DDP worker, a backend config that sets up no process group and that
+    Train's controller unpickles without importing torch (TorchConfig's module imports it: 1.5-2 s of the
+    controller's start, on the way to the first step)."""
     from ray.train.torch import TorchConfig
 
     if not enabled() or strategy != "ddp" or num_workers != 1:
         return TorchConfig()
     try:
-        from ray.train.torch.config import _TorchBackend
+        from ray.train import backend as train_backend
+        from ray.train.torch import config as torch_backend
+        from ray.train.v2._internal import util as train_util
     except ImportError as exc:
         log.debug("a process group for the single worker: %s", exc)
         return TorchConfig()
+    needed = {train_backend: ("Backend", "BackendConfig"), torch_backend: ("_TorchBackend", "TorchConfigContextManager"),
+              train_util: ("TrainingFramework",)}  # fmt: skip
+    missing = [f"{module.__name__}.{name}" for module, names in needed.items() for name in names
+               if not hasattr(module, name)]  # fmt: skip
+    if missing:
+        log.debug("a process group for the single worker: this Ray has no %s", ", ".join(missing))
+        return TorchConfig()
+    # Defined here, so they travel by value to the controller; anything of torch's is imported inside the
+    # methods, where they run (the worker imports torch anyway).
 
-    class SingleWorkerBackend(_TorchBackend):
-        """Sets up a process group only for a group of more than one (a resized group gets one again)."""
+    class SingleWorkerBackend(train_backend.Backend):
+        """Sets up a process group only for a group of more than one (a resized group gets Train's own)."""
+
+        share_cuda_visible_devices = True  # as TorchConfig's backend
 
         def on_start(self, worker_group: Any, backend_config: Any) -> None:
             if len(worker_group) > 1:
-                super().on_start(worker_group, backend_config)
+                from ray.train.torch.config import TorchConfig, _TorchBackend
 
-    class SingleWorkerTorchConfig(TorchConfig):
+                _TorchBackend().on_start(worker_group, TorchConfig(backend=backend_config.backend))
+
+        def on_shutdown(self, worker_group: Any, backend_config: Any) -> None:
+            from ray.train.torch.config import TorchConfig, _TorchBackend  # after training: torch's cleanup
+
+            _TorchBackend().on_shutdown(worker_group, TorchConfig())
+
+    class SingleWorkerTorchConfig(train_backend.BackendConfig):
+        backend: str | None = None  # TorchTrainer names it ("gloo", "nccl"), as for its own TorchConfig
+
         @property
         def backend_cls(self) -> type:
             return SingleWorkerBackend
+
+        @property
+        def train_func_context(self) -> type:  # read in the driver; the class runs in the worker
+            from ray.train.torch.config import TorchConfigContextManager
+
+            return TorchConfigContextManager
+
+        @property
+        def framework(self) -> Any:
+            from ray.train.v2._internal.util import TrainingFramework
+
+            return TrainingFramework.TORCH
 
     return SingleWorkerTorchConfig()

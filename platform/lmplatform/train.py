@@ -59,6 +59,7 @@ log = logging.getLogger("lmplatform.train")
 FAIL_ENV = "LMLAB_FAIL_AT_STEP"
 _FAIL_MARKER = ".lmlab-injected-failure"
 _LOCK_FILE = ".lock"
+_LOOP_CONFIG_REF = "lmlab_loop_config"  # the key under which Train's workers find the loop config's object reference
 # Ray Train 2.60's preemption watcher (it moves workers off nodes being drained) logs one spurious error line at
 # every start (ray#53727). A cluster this process started is this one machine, which is never drained: there we
 # switch the watcher off with Ray's own flag. A cluster we join keeps it.
@@ -247,18 +248,22 @@ def ensure_ray(
             "log_to_driver": log_to_driver,
         }
         try:
-            if where:
-                ray.init(address=where, **options)
-                started_here = where == "local"
-            else:
-                # Whether this process starts the cluster decides whether it can grow, and Ray has no public
-                # flag for it. So ask in two steps, with ray.init's documented addresses: "auto" only joins
-                # a running local head (ConnectionError when there is none), "local" always starts one.
+            # Whether this process starts the cluster decides whether it can grow, and Ray has no public flag
+            # for it. So ask in two steps, with ray.init's documented addresses: "auto" only joins a running local
+            # head (ConnectionError when there is none), "local" always starts one.
+            joined = False
+            if where != "local":
                 try:
-                    ray.init(address="auto", **options)
+                    ray.init(address=where or "auto", **options)
+                    joined = True
                 except ConnectionError:
-                    ray.init(address="local", **options)
-                    started_here = True
+                    if where:
+                        raise
+            if not joined:
+                # without the head processes a one-machine Ray never uses (lmplatform.lean)
+                with lean.bare_head() as extra:
+                    ray.init(address="local", **options, **extra)
+                started_here = True
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise PlatformError(f"cannot connect to Ray at {where or 'a running local head'}: {exc}") from exc
     if started_here:
@@ -541,6 +546,10 @@ def build_trainer(rc: RayConfig, loop_config: dict[str, Any]) -> Any:
         resources["GPU"] = rc.gpus_per_worker or 1.0
     # Without the Train parts lm never uses (lmplatform.lean): fewer processes taking the worker's cores.
     trainer_class = lean.trainer_class(own_cluster=lean.take_own_cluster())
+    if rc.num_workers > 0:
+        # Train's controller unpickles the loop config; a reference to it in Ray's object store spares the
+        # controller's start the imports of lm and torch (the logger's classes), 1.5-2 s on the way to the first step
+        loop_config = {_LOOP_CONFIG_REF: ray.put(loop_config)}
     return trainer_class(
         _train_loop_per_worker,
         train_loop_config=loop_config,
@@ -793,6 +802,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker (or in the driver in local mode): rebuild the config, resume, train."""
     import ray.train
 
+    if _LOOP_CONFIG_REF in config:  # (build_trainer)
+        config = ray.get(config[_LOOP_CONFIG_REF])
     # A worker gets the CPUs Ray reserved for it; in local mode the loop runs in the driver and keeps its threads.
     if not config["local_mode"]:
         torch.set_num_threads(max(1, int(config["cpus_per_worker"])))

@@ -176,6 +176,11 @@ def _has_gloo_thread(pid: int) -> bool:
     return any("gloo" in name for name in names)
 
 
+def _maps_torch(pid: int) -> bool:
+    """Whether a process has imported torch (its libraries are mapped)."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def _environ(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/environ").read_bytes()
@@ -237,6 +242,13 @@ def test_a_signal_stops_every_rank_at_one_checkpoint_and_ends_the_run_killed(
             assert {"ray::TrainController", "ray::RayTrainWorker", "ray::SynchronizationActor"} <= actors
             assert not actors & {"ray::DatasetManager", "ray::PlacementGroupCleaner"}
             assert [_has_gloo_thread(p) for p in ranks] == [workers > 1] * workers
+            # ... and the controller of a single rank unpickles neither torch's backend config nor lm's loop config
+            assert _maps_torch(controller) == (workers > 1) and all(_maps_torch(p) for p in ranks)
+            # lean.bare_head: the Ray it started has no API server, no autoscaler monitor and no idle workers
+            commands = [cmdline(p) for p in procs]
+            assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands)
+            assert not [c for c in commands if "dashboard/dashboard.py" in c or "autoscaler/_private/monitor.py" in c]
+            assert not [c for c in commands if c.startswith("ray::IDLE")]
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=300)
     finally:

@@ -1,8 +1,12 @@
 """lmplatform/lean.py without a Ray: which of Ray Train's parts an lm run leaves out, and where it keeps them. (On a
 Ray that `lm train` starts, tests/integration/test_cli.py's signal test checks the processes themselves: no dataset
-manager, no placement-group cleaner, no gloo thread in a single rank.)"""
+manager, no placement-group cleaner, no gloo thread in a single rank, no torch in its controller, no API server,
+autoscaler monitor or idle worker.)"""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 from lmplatform import lean
@@ -67,7 +71,9 @@ class _Group:
 
 def test_only_a_single_ddp_worker_goes_without_a_process_group() -> None:
     config = lean.torch_config("ddp", 1)
-    assert isinstance(config, TorchConfig) and config.backend_cls is not TorchConfig().backend_cls
+    assert config.backend_cls is not TorchConfig().backend_cls
+    assert config.train_func_context is TorchConfig().train_func_context  # the worker still sets its CUDA device
+    assert config.framework == TorchConfig().framework and config.backend_cls.share_cuda_visible_devices
     group = _Group(1)
     config.backend_cls().on_start(group, config)  # nothing to set up for a group of one
     assert group.asked == []
@@ -78,3 +84,42 @@ def test_only_a_single_ddp_worker_goes_without_a_process_group() -> None:
     # two DDP workers, and FSDP even on one (its device mesh needs the group), keep Train's own backend
     assert type(lean.torch_config("ddp", 2)) is TorchConfig
     assert type(lean.torch_config("fsdp", 1)) is TorchConfig
+
+
+_UNPICKLE = """
+import sys
+from ray import cloudpickle
+cloudpickle.loads(sys.stdin.buffer.read())
+print(" ".join(m for m in ("torch", "lm", "lmplatform.train") if m in sys.modules))
+"""
+
+
+def _imports_to_unpickle(config: object) -> str:
+    """What a new process (as Train's controller) imports to unpickle what TorchTrainer sends its controller."""
+    from ray import cloudpickle
+
+    trainer = lean.trainer_class(own_cluster=True)(_noop, train_loop_config={"ref": "x"}, torch_config=config)
+    sent = cloudpickle.dumps((trainer.train_run_context, trainer._create_default_callbacks()))
+    done = subprocess.run([sys.executable, "-c", _UNPICKLE], input=sent, capture_output=True, check=True)
+    return done.stdout.decode().strip()
+
+
+def test_trains_controller_unpickles_a_single_workers_configs_without_torch() -> None:
+    assert _imports_to_unpickle(lean.torch_config("ddp", 1)) == ""
+    assert _imports_to_unpickle(TorchConfig()) == "torch"  # what it was, and what two workers still get
+
+
+def test_bare_head_leaves_out_the_api_server_and_monitor_only_while_ray_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ray._private.node import Node
+
+    originals = {name: getattr(Node, name) for name in lean._HEAD_EXTRAS}
+    with pytest.raises(KeyError), lean.bare_head() as extra:
+        assert extra == {"_system_config": {"prestart_worker_first_driver": False}}
+        assert all(getattr(Node, name) is not original for name, original in originals.items())
+        raise KeyError("ray.init failed")  # the methods come back even then
+    assert {name: getattr(Node, name) for name in originals} == originals
+    monkeypatch.setenv(lean.SWITCH_ENV, "0")
+    with lean.bare_head() as extra:
+        assert extra == {} and {name: getattr(Node, name) for name in originals} == originals

@@ -59,7 +59,7 @@ log = logging.getLogger("lmplatform.train")
 FAIL_ENV = "LMLAB_FAIL_AT_STEP"
 _FAIL_MARKER = ".lmlab-injected-failure"
 _LOCK_FILE = ".lock"
-_LOOP_CONFIG_REF = "lmlab_loop_config"  # the key under which Train's workers find the loop config's object reference
+_LOOP_CONFIG_REF = "lmlab_loop_config"  # where Train's workers find the loop config's object reference
 # Ray Train 2.60's preemption watcher (it moves workers off nodes being drained) logs one spurious error line at
 # every start (ray#53727). A cluster this process started is this one machine, which is never drained: there we
 # switch the watcher off with Ray's own flag. A cluster we join keeps it.

@@ -72,7 +72,8 @@ class _Group:
 def test_only_a_single_ddp_worker_goes_without_a_process_group() -> None:
     config = lean.torch_config("ddp", 1)
     assert config.backend_cls is not TorchConfig().backend_cls
-    assert config.train_func_context is TorchConfig().train_func_context  # the worker still sets its CUDA device
+    # the worker still sets its CUDA device
+    assert config.train_func_context is TorchConfig().train_func_context
     assert config.framework == TorchConfig().framework and config.backend_cls.share_cuda_visible_devices
     group = _Group(1)
     config.backend_cls().on_start(group, config)  # nothing to set up for a group of one

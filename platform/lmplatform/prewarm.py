@@ -1,12 +1,12 @@
 """Start the Ray Train worker's process before Ray Train asks for it, with its imports already done.
 
 On a fresh local Ray, ``lm train`` spends seconds between ``trainer.fit()`` and the first step while Ray Train's
-controller starts its actors, each a new process, and then the worker imports torch, lm, MLflow and
+controller starts its actors, each a new process, and then the worker imports torch, lm and
 ``torch._dynamo`` (which every ``torch.optim`` optimizer imports when it is built: 1.3 s on an idle machine, 3.4 s
 beside Train's other starting processes). Only the worker's imports are ours to move. So, right after ``ray.init``,
 :func:`prestart_train_workers` asks the raylet for ``num_workers`` idle worker processes with exactly the runtime
 environment Ray Train will give its workers, and that environment names :func:`warm_up` as the process's set-up
-hook: those processes import everything (and, for one worker, open an existing MLflow store) while the controller
+hook: those processes import everything (rank 0 no longer imports MLflow: tracking.MetricRelay) while the controller
 starts. When Train then creates its worker actors, Ray hands them these processes, because their runtime
 environment matches. On 2 cores, ``lm train experiments/tiny.yaml train.max_seconds=3`` reached its first step
 about 4 s sooner: 13.2-14.7 s instead of 18.5-18.6 s (``LMLAB_PREWARM=0``, alternating runs in one hour, counted
@@ -31,7 +31,6 @@ from typing import Any
 log = logging.getLogger("lmplatform.prewarm")
 
 HOOK = f"{__name__}.warm_up"
-TRACKING_ENV = "LMLAB_PREWARM_TRACKING_URI"  # the store warm_up opens, so rank 0's first log finds it open
 SWITCH_ENV = "LMLAB_PREWARM"  # "0": start Train's workers the usual way (for comparisons)
 KEEP_ALIVE_S = 120  # a prestarted process Ray never hands out is idle-killed after this
 _TESTED_RAY = "2.60."
@@ -41,7 +40,7 @@ warmed = False  # set by warm_up in the process it ran in
 
 
 def warm_up() -> None:
-    """Ray runs this in a prestarted process before it takes work: the Train worker's imports, and the MLflow store.
+    """Ray runs this in a prestarted process before it takes work: the Train worker's imports.
 
     Never raises (a hook that fails would make Ray kill the process); whatever fails here fails again, with its
     real error, when the training function imports it.
@@ -53,12 +52,6 @@ def warm_up() -> None:
 
         import lmplatform.train  # noqa: F401  (torch, lm and the training function's module)
 
-        uri = os.environ.get(TRACKING_ENV)
-        if uri:
-            from lmplatform.tracking import mlflow_client
-
-            # MLflow caches the store per URI: rank 0's logger gets this one, already open
-            _ = mlflow_client(uri)._tracking_client.store
         warmed = True
     except Exception as exc:  # noqa: BLE001
         log.debug("warm-up failed (the worker imports these itself): %s", exc)
@@ -76,7 +69,7 @@ def take_worker_runtime_env() -> dict[str, Any] | None:
     return prestarted["runtime_env"]
 
 
-def prestart_train_workers(num_workers: int, tracking_uri: str | None) -> bool:
+def prestart_train_workers(num_workers: int) -> bool:
     """Ask this node's raylet for ``num_workers`` idle processes that Ray Train's worker actors will be given.
 
     True when the raylet took the request; False (and a debug line) when switched off, on a Ray release this was
@@ -98,7 +91,7 @@ def prestart_train_workers(num_workers: int, tracking_uri: str | None) -> bool:
             raise RuntimeError("Ray Train V1 has no worker_runtime_env, and its workers start another way")
         if ray.get_runtime_context().get_runtime_env_string() not in ("", "{}"):
             raise RuntimeError("the job has a runtime environment: Train's workers inherit it, ours lack it")
-        runtime_env = {"env_vars": _own_env_vars(num_workers, tracking_uri)}
+        runtime_env = {"env_vars": _own_env_vars()}
         _request(num_workers, _train_worker_runtime_env(runtime_env["env_vars"]))
     except Exception as exc:  # noqa: BLE001  (an internal moved: train as before)
         log.debug("not prestarting Ray Train's workers: %s", exc)
@@ -107,14 +100,11 @@ def prestart_train_workers(num_workers: int, tracking_uri: str | None) -> bool:
     return True
 
 
-def _own_env_vars(num_workers: int, tracking_uri: str | None) -> dict[str, str]:
+def _own_env_vars() -> dict[str, str]:
     from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
     from ray.runtime_env import RuntimeEnv
 
     own = {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: HOOK}
-    # One worker is rank 0, the one that logs; opening a store the driver is still creating would race.
-    if num_workers == 1 and tracking_uri and _store_exists(tracking_uri):
-        own[TRACKING_ENV] = tracking_uri
     RuntimeEnv(env_vars=own)  # Ray's own validation, before any process gets it
     return own
 
@@ -168,13 +158,3 @@ def ray_identity() -> tuple[str, str]:
     import ray
 
     return ray._private.worker.global_worker.node.session_name, ray.get_runtime_context().get_job_id()
-
-
-def _store_exists(uri: str) -> bool:
-    """Whether an MLflow store is already there to open (a tracking server always is)."""
-    from lmplatform.tracking import sqlite_file
-
-    if uri.startswith(("http://", "https://")):
-        return True
-    db = sqlite_file(uri)
-    return db is not None and db.is_file() and db.stat().st_size > 0

@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from lm.train import DistributedContext, Hooks, preflight, resolve_amp, resolve_
 from lmplatform import lean
 from lmplatform.config import PlatformConfig, RayConfig
 from lmplatform.prewarm import prestart_train_workers, take_worker_runtime_env
-from lmplatform.tracking import MetricLogger, RunTracker, TrackingHooks, start_run
+from lmplatform.tracking import MetricInbox, MetricLogger, MetricRelay, RunTracker, TrackingHooks, start_run
 
 log = logging.getLogger("lmplatform.train")
 FAIL_ENV = "LMLAB_FAIL_AT_STEP"
@@ -274,7 +274,7 @@ def ensure_ray(
 
     check_cluster(rc, tracking_uri, [n for n in ray.nodes() if n.get("Alive")], fixed=started_here)
     # 0 workers: nothing prestarted, and nothing an earlier run in this process prestarted is handed to this one
-    prestart_train_workers(rc.num_workers if started_here and prestart else 0, tracking_uri)
+    prestart_train_workers(rc.num_workers if started_here and prestart else 0)
     # a single run on a Ray it started: Ray ends with this process, so Train's placement-group cleaner has no work
     lean.claim_cluster(started_here and prestart)
 
@@ -402,6 +402,11 @@ def run_training(
         stop.rearm()
         with tracker.track() if tracker is not None else contextlib.nullcontext():
             _raise_if_stopped(stop)
+            # Ray's workers send rank 0's metrics here, and this process logs them (tracking.MetricRelay). Not in
+            # a sweep's trial: its scheduler can end this process before the last batch is read, so rank 0 logs
+            # them itself there.
+            relayed = tracker is not None and rc.num_workers > 0 and report is None
+            inbox = MetricInbox(tracker) if relayed else None
             loop_config = {
                 "experiment": to_dict(cfg),
                 "report_checkpoints": not rc.is_local_storage,
@@ -410,7 +415,7 @@ def run_training(
                 "cpus_per_worker": rc.cpus_per_worker,
                 "local_mode": rc.num_workers == 0,
                 "strategy": rc.strategy,
-                "logger": tracker.logger if tracker else None,
+                "logger": inbox.relay() if inbox else tracker.logger if tracker else None,
                 "record_dir": str(root) if rc.is_local_storage else None,
                 "started_at": started_at,
                 "stop": None if rc.num_workers == 0 else stop.worker_handle(),  # released below
@@ -419,8 +424,12 @@ def run_training(
                 "tracking_node": local_tracking_node(pcfg.tracking) if rc.num_workers > 0 else None,
             }
             try:
-                result = _fit(build_trainer(rc, loop_config))
+                result = _fit(build_trainer(rc, loop_config), inbox.drain if inbox else None)
+                if inbox is not None:
+                    inbox.drain(final=True)  # all of rank 0's metrics, before anything reads them back
             except Exception as exc:  # the worker's own error, not Ray's wrapper, says why
+                if inbox is not None:
+                    inbox.drain()  # the metrics up to the failure
                 if tracker is not None and stop.requested:
                     # A stop (a sweep's scheduler) tore the run down; whoever stopped it says why in the note.
                     tracker.end("KILLED")
@@ -511,8 +520,8 @@ def _latest_remote_checkpoint(rc: RayConfig) -> Iterator[Path | None]:
         yield local
 
 
-def _fit(trainer: Any) -> Any:
-    """``trainer.fit()`` on a helper thread while the main thread waits.
+def _fit(trainer: Any, while_waiting: Callable[[], Any] | None = None) -> Any:
+    """``trainer.fit()`` on a helper thread while the main thread waits, calling ``while_waiting`` every second.
 
     On the main thread Ray Train's ``fit()`` installs its own SIGINT handler, which aborts the run: no checkpoint,
     exit 1. Off the main thread it leaves signals alone, so our handler (a checkpoint at the next step boundary,
@@ -528,8 +537,12 @@ def _fit(trainer: Any) -> Any:
 
     thread = threading.Thread(target=target, name="lmlab-fit", daemon=True)
     thread.start()
+    waited = 0
     while thread.is_alive():
         thread.join(0.2)
+        waited += 1
+        if while_waiting is not None and waited % 5 == 0:
+            while_waiting()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -816,7 +829,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         own_root = Path(cfg.train.out_dir) if config["report_checkpoints"] else None
         dist = ray_distributed_context(config.get("strategy", "ddp"), cfg.train.amp, own_root)
     _worker_logging(config["local_mode"], dist.rank)
-    logger: MetricLogger | None = config["logger"] if dist.is_main else None
+    logger: MetricLogger | MetricRelay | None = config["logger"] if dist.is_main else None
     if logger is not None:
         from lmplatform.cluster import check_tracking_node
 
@@ -851,6 +864,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 result = train(cfg, resume=Path(directory), **options)
     finally:
         stop.close()
+        if logger is not None:
+            logger.close()  # every metric on its way to the driver before Train reports the run done
     return {
         "step": result.step,
         "metrics": result.metrics,

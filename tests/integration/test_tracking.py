@@ -18,6 +18,7 @@ from lmplatform.tracking import (
     FAILURE_TAG,
     NOTE_TAG,
     RUN_ID_FIELD,
+    MetricInbox,
     MetricLogger,
     RunTracker,
     TrackingError,
@@ -320,3 +321,43 @@ def test_only_versions_scored_on_the_same_dev_text_compete_for_best(
     with third.track():
         third.finish(cfg, worse, worse, trained_steps=10)
     assert third.alias_note == "alias best stayed on version 2 (dev bits/byte 2.0000 <= 2.5000 of version 3)"
+
+
+def test_rank_0s_metrics_reach_the_run_through_the_driver_in_order(
+    ray_cluster, make_config, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import pickle
+
+    from mlflow.exceptions import MlflowException
+
+    tracker = _start(make_config, tmp_path / "run")
+    inbox = MetricInbox(tracker)
+    relay = pickle.loads(pickle.dumps(inbox.relay()))  # as rank 0 gets it: the key prefix and ids, no client
+    assert vars(relay)["_sender"] is None and (relay.run_id, relay.uri) == (tracker.run_id, tracker.uri)
+    relay.warm_up()
+    relay.ready()  # nothing to open or wait for: the worker never imports MLflow
+    for step in range(1, 13):
+        relay.log(step, {"step": step, "train_loss": 10.0 - step / 2, "lr": float("nan")})
+    relay.log(12, {"dev_loss": 4.5})
+    relay.close()  # every batch is in the GCS once close returns
+    assert inbox.drain(final=True) == 13
+    assert inbox.drain(final=True) == 0  # read once: their keys are gone
+    history = tracker.client.get_metric_history(tracker.run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(step, 10.0 - step / 2) for step in range(1, 13)]
+    assert [m.step for m in tracker.client.get_metric_history(tracker.run_id, "dev_loss")] == [12]
+    assert not tracker.client.get_metric_history(tracker.run_id, "lr")  # not finite: not logged, as before
+    # a store that fails: the batches wait for the next drain; only the last one raises
+    relay.log(13, {"train_loss": 3.0})
+    relay.flush()  # (as after an evaluation: in the GCS, the sender still running)
+    working = inbox.client
+    inbox.client = mlflow_client(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # has no such run
+    with caplog.at_level(logging.WARNING, logger="lmplatform.tracking"):
+        assert inbox.drain() == 0
+    assert "could not log rank 0's metrics yet" in caplog.text
+    with pytest.raises(MlflowException, match="not found"):
+        inbox.drain(final=True)
+    inbox.client = working
+    assert inbox.drain(final=True) == 1
+    assert tracker.client.get_metric_history(tracker.run_id, "train_loss")[-1].step == 13
+    relay.close()
+    tracker.end("FINISHED")

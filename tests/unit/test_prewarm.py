@@ -8,11 +8,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from lmplatform import prewarm
-from lmplatform.tracking import mlflow_client
 
 _PROBE = """
 import json, os, sys
@@ -32,21 +30,15 @@ def _warm_up_in_a_new_process(env: dict[str, str]) -> dict[str, bool]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_warm_up_does_the_workers_imports_and_opens_the_store(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow_client(uri).search_experiments()  # the driver created the store before
-    seen = _warm_up_in_a_new_process({prewarm.TRACKING_ENV: uri})
-    assert seen == {"before": False, "after": True, "warmed": True, "train": True, "mlflow": True}
-
-
-def test_without_a_store_warm_up_only_imports() -> None:
+def test_warm_up_does_the_workers_imports_and_leaves_mlflow_to_the_driver() -> None:
+    # rank 0 sends its metrics to the driver (tracking.MetricRelay): nothing in the worker imports MLflow
     seen = _warm_up_in_a_new_process({})
-    assert seen["warmed"] and seen["after"] and not seen["before"]
+    assert seen == {"before": False, "after": True, "warmed": True, "train": True, "mlflow": False}
 
 
 def test_a_warm_up_that_fails_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prewarm, "warmed", False)
-    monkeypatch.setenv(prewarm.TRACKING_ENV, "nosuchscheme://nowhere")  # MLflow has no store for it
+    monkeypatch.setitem(sys.modules, "lmplatform.train", None)  # its import raises ImportError
     prewarm.warm_up()  # a raising hook would make Ray kill the worker's process
     assert not prewarm.warmed
 
@@ -67,20 +59,10 @@ def test_the_spelling_covers_everything_train_puts_in_its_workers_environment(
     assert '"LMLAB_X":"ü/1"' in serialized  # compact, unescaped, like the core worker
 
 
-def test_the_store_is_opened_only_where_it_exists(tmp_path: Path) -> None:
-    db = tmp_path / "mlflow.db"
-    # the driver may be creating it: opening it would race
-    assert not prewarm._store_exists(f"sqlite:///{db}")
-    db.write_bytes(b"x")
-    assert prewarm._store_exists(f"sqlite:///{db}")
-    assert prewarm._store_exists("http://127.0.0.1:5000")
-    assert not prewarm._store_exists(f"file://{tmp_path}")
-
-
 def test_switched_off_nothing_is_prestarted_and_nothing_earlier_is_handed_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(prewarm, "_prestarted", {"ray": ("an earlier run's", "01000000"), "runtime_env": {}})
     monkeypatch.setenv(prewarm.SWITCH_ENV, "0")
-    assert prewarm.prestart_train_workers(1, None) is False
+    assert prewarm.prestart_train_workers(1) is False
     assert prewarm.take_worker_runtime_env() is None

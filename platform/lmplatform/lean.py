@@ -64,6 +64,7 @@ def bare_head() -> Iterator[dict[str, Any]]:
     this Ray is not the one this was checked against."""
     import ray
 
+    originals: dict[str, Any] = {}
     try:
         from ray._private.node import Node
 
@@ -74,6 +75,7 @@ def bare_head() -> Iterator[dict[str, Any]]:
         originals = {name: Node.__dict__[name] for name in _HEAD_EXTRAS}
     except (ImportError, KeyError, RuntimeError) as exc:
         log.debug("a local Ray with all its processes: %s", exc)
+    if not originals:  # (outside the except: an error in ray.init is not "during handling" of this one)
         yield {}
         return
 
@@ -181,9 +183,12 @@ def torch_config(strategy: str, num_workers: int) -> Any:
                 _TorchBackend().on_start(worker_group, TorchConfig(backend=backend_config.backend))
 
         def on_shutdown(self, worker_group: Any, backend_config: Any) -> None:
-            from ray.train.torch.config import TorchConfig, _TorchBackend  # after training: torch's cleanup
+            # a group of one has no process group to destroy, and its actor ends right after (Train's cleanup
+            # would also empty the CUDA cache, and import torch in the controller before fit() returns)
+            if len(worker_group) > 1:
+                from ray.train.torch.config import TorchConfig, _TorchBackend
 
-            _TorchBackend().on_shutdown(worker_group, TorchConfig())
+                _TorchBackend().on_shutdown(worker_group, TorchConfig())
 
     class SingleWorkerTorchConfig(train_backend.BackendConfig):
         backend: str | None = None  # TorchTrainer names it ("gloo", "nccl"), as for its own TorchConfig

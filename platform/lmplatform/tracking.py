@@ -164,7 +164,7 @@ class MetricRelay:
     def __init__(self, prefix: str, run_id: str, uri: str) -> None:
         self.prefix = prefix
         self.run_id = run_id
-        self.uri = uri  # the driver's store (lmplatform.cluster.check_tracking_node reads it)
+        self.uri = uri  # the driver's store, for display: rank 0 never opens it
         self._sent: queue.Queue[tuple[str, bytes] | threading.Event | None] | None = None
         self._sender: threading.Thread | None = None
         self._count = 0
@@ -209,6 +209,8 @@ class MetricRelay:
         if self._sender is not None and self._sent is not None:
             self._sent.put(None)
             self._sender.join(timeout)
+            if self._sender.is_alive():
+                log.warning("rank 0's last metrics did not reach Ray's GCS in %.0f s", timeout)
             self._sender = None
 
     def _send(self) -> None:
@@ -244,10 +246,10 @@ class MetricInbox:
         """The logger to ship to rank 0."""
         return MetricRelay(self.prefix, self.run_id, self.uri)
 
-    def drain(self, *, final: bool = False) -> int:
+    def drain(self) -> int:
         """Log every batch that has arrived and delete its key; the number logged.
 
-        A failure to log (the store is down) leaves the batches to the next call; only the ``final`` one raises.
+        A failure to log (the store is down) leaves the batches to the next call, with one warning.
         """
         from mlflow.entities import Metric
         from ray.experimental import internal_kv
@@ -263,13 +265,28 @@ class MetricInbox:
                     self.client.log_batch(self.run_id, metrics=metrics)
                     logged += 1
                 internal_kv._internal_kv_del(key, namespace=_RELAY_NAMESPACE)
-        except Exception as exc:
-            if final:
-                raise
+        except Exception as exc:  # noqa: BLE001  (the next drain retries; close says what stayed unlogged)
             if not self._warned:
                 log.warning("could not log rank 0's metrics yet (will retry): %s", exc)
                 self._warned = True
         return logged
+
+    def close(self) -> None:
+        """The last :meth:`drain`; then whatever could not be logged is dropped from the GCS, with a warning (a
+        cluster this run joined outlives it). Never raises: training is over, and its checkpoints are saved."""
+        from ray.experimental import internal_kv
+
+        self.drain()
+        try:
+            left = internal_kv._internal_kv_list(f"{self.prefix}/", namespace=_RELAY_NAMESPACE)
+            if left:
+                log.warning(
+                    "%d batches of rank 0's metrics could not be logged to run %s", len(left), self.run_id
+                )
+                prefix = f"{self.prefix}/"
+                internal_kv._internal_kv_del(prefix, del_by_prefix=True, namespace=_RELAY_NAMESPACE)
+        except Exception as exc:  # noqa: BLE001  (Ray is gone: so are the keys)
+            log.debug("could not clear the metric keys: %s", exc)
 
 
 class TrackingHooks(Hooks):
@@ -294,10 +311,8 @@ class TrackingHooks(Hooks):
         self.logger.log(step, metrics)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """dev_loss, dev_ppl, dev_bpb (the final evaluation adds val_loss, val_ppl, val_bpb, tokens, ...); on their
-        way before anyone can act on them (a sweep's scheduler may stop the run at its next report)."""
+        """dev_loss, dev_ppl, dev_bpb (the final evaluation adds val_loss, val_ppl, val_bpb, tokens, ...)."""
         self.logger.log(step, metrics)
-        self.logger.flush()
 
 
 # --------------------------------------------------------------------------------------------------------------

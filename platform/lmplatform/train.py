@@ -407,6 +407,7 @@ def run_training(
             # them itself there.
             relayed = tracker is not None and rc.num_workers > 0 and report is None
             inbox = MetricInbox(tracker) if relayed else None
+            logs_itself = rc.num_workers > 0 and not relayed  # rank 0 on Ray opens the store
             loop_config = {
                 "experiment": to_dict(cfg),
                 "report_checkpoints": not rc.is_local_storage,
@@ -420,16 +421,12 @@ def run_training(
                 "started_at": started_at,
                 "stop": None if rc.num_workers == 0 else stop.worker_handle(),  # released below
                 "report": report,
-                # a local MLflow store is only this node's: rank 0 must log from here (autoscaled clusters)
-                "tracking_node": local_tracking_node(pcfg.tracking) if rc.num_workers > 0 else None,
+                # a local MLflow store is only this node's: a rank 0 that logs must run here (autoscaled clusters)
+                "tracking_node": local_tracking_node(pcfg.tracking) if logs_itself else None,
             }
             try:
                 result = _fit(build_trainer(rc, loop_config), inbox.drain if inbox else None)
-                if inbox is not None:
-                    inbox.drain(final=True)  # all of rank 0's metrics, before anything reads them back
             except Exception as exc:  # the worker's own error, not Ray's wrapper, says why
-                if inbox is not None:
-                    inbox.drain()  # the metrics up to the failure
                 if tracker is not None and stop.requested:
                     # A stop (a sweep's scheduler) tore the run down; whoever stopped it says why in the note.
                     tracker.end("KILLED")
@@ -438,6 +435,8 @@ def run_training(
                 raise
             finally:
                 stop.release()
+                if inbox is not None:
+                    inbox.close()  # all of rank 0's metrics, before anything reads them back (or the run ends)
             outcome = _outcome(result, rc, root, tracker)
             if tracker is not None:
                 tracker.conclude(

@@ -46,7 +46,6 @@ from typing import Any
 log = logging.getLogger("lmplatform.lean")
 
 SWITCH_ENV = "LMLAB_LEAN"  # "0": Ray Train with all its default parts (for comparisons)
-_TESTED_RAY = "2.60."
 _HEAD_EXTRAS = ("start_api_server", "start_monitor")  # the ray._private.node.Node methods bare_head skips
 
 _own_cluster: dict[str, Any] = {}  # the Ray (session, job) that one `lm train` run started for itself
@@ -64,14 +63,16 @@ def bare_head() -> Iterator[dict[str, Any]]:
     this Ray is not the one this was checked against."""
     import ray
 
+    from lmplatform.prewarm import TESTED_RAY
+
     originals: dict[str, Any] = {}
     try:
         from ray._private.node import Node
 
         if not enabled():
             raise RuntimeError(f"{SWITCH_ENV}=0")
-        if not ray.__version__.startswith(_TESTED_RAY):
-            raise RuntimeError(f"checked against Ray {_TESTED_RAY}x, this is {ray.__version__}")
+        if not ray.__version__.startswith(TESTED_RAY):
+            raise RuntimeError(f"checked against Ray {TESTED_RAY}x, this is {ray.__version__}")
         originals = {name: Node.__dict__[name] for name in _HEAD_EXTRAS}
     except (ImportError, KeyError, RuntimeError) as exc:
         log.debug("a local Ray with all its processes: %s", exc)

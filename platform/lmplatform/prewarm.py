@@ -33,7 +33,7 @@ log = logging.getLogger("lmplatform.prewarm")
 HOOK = f"{__name__}.warm_up"
 SWITCH_ENV = "LMLAB_PREWARM"  # "0": start Train's workers the usual way (for comparisons)
 KEEP_ALIVE_S = 120  # a prestarted process Ray never hands out is idle-killed after this
-_TESTED_RAY = "2.60."
+TESTED_RAY = "2.60."  # the Ray release whose internals prewarm and lean were checked against
 
 _prestarted: dict[str, Any] = {}  # the Ray (session, job) this process prestarted in, and the runtime env
 warmed = False  # set by warm_up in the process it ran in
@@ -83,8 +83,8 @@ def prestart_train_workers(num_workers: int) -> bool:
 
         if not ray.is_initialized():  # (Ray's runtime context would start one)
             raise RuntimeError("this process has no Ray")
-        if not ray.__version__.startswith(_TESTED_RAY):
-            raise RuntimeError(f"checked against Ray {_TESTED_RAY}x, this is {ray.__version__}")
+        if not ray.__version__.startswith(TESTED_RAY):
+            raise RuntimeError(f"checked against Ray {TESTED_RAY}x, this is {ray.__version__}")
         from ray.train.v2._internal.constants import is_v2_enabled
 
         if not is_v2_enabled():

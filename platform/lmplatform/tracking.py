@@ -129,9 +129,6 @@ class MetricLogger:
         if batch:
             self._client.log_batch(self.run_id, metrics=batch)
 
-    def flush(self) -> None:
-        """Nothing to wait for: :meth:`log` writes at once (as :meth:`MetricRelay.flush`)."""
-
     def close(self) -> None:
         """Nothing to end (as :meth:`MetricRelay.close`)."""
 
@@ -165,7 +162,7 @@ class MetricRelay:
         self.prefix = prefix
         self.run_id = run_id
         self.uri = uri  # the driver's store, for display: rank 0 never opens it
-        self._sent: queue.Queue[tuple[str, bytes] | threading.Event | None] | None = None
+        self._sent: queue.Queue[tuple[str, bytes] | None] | None = None
         self._sender: threading.Thread | None = None
         self._count = 0
 
@@ -197,15 +194,9 @@ class MetricRelay:
         key = f"{self.prefix}/{self._attempt}/{self._count:010d}"
         self._sent.put((key, json.dumps([step, int(time.time() * 1000), batch]).encode()))
 
-    def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every batch logged so far is in the GCS (at most ``timeout`` seconds)."""
-        if self._sender is not None and self._sent is not None:
-            reached = threading.Event()
-            self._sent.put(reached)
-            reached.wait(timeout)
-
     def close(self, timeout: float = 30.0) -> None:
-        """:meth:`flush`, and end the sender thread: the driver finds every batch once the run is over."""
+        """Wait (at most ``timeout`` seconds) until every batch is in the GCS, and end the sender thread: the driver
+        finds every batch once the run is over. A later :meth:`log` starts a new sender."""
         if self._sender is not None and self._sent is not None:
             self._sent.put(None)
             self._sender.join(timeout)
@@ -218,9 +209,6 @@ class MetricRelay:
 
         assert self._sent is not None
         while (item := self._sent.get()) is not None:
-            if isinstance(item, threading.Event):  # flush: everything before it is sent
-                item.set()
-                continue
             key, value = item
             for attempt in range(3):  # a GCS that restarts: retry; a batch is lost only after three failures
                 try:
@@ -240,6 +228,7 @@ class MetricInbox:
         self.run_id = tracker.run_id
         self.uri = tracker.uri
         self.prefix = f"{tracker.run_id}-{uuid.uuid4().hex[:8]}"
+        self._keys = f"{self.prefix}/"  # every key rank 0 writes starts so
         self._warned = False
 
     def relay(self) -> MetricRelay:
@@ -256,7 +245,7 @@ class MetricInbox:
 
         logged = 0
         try:
-            keys = sorted(internal_kv._internal_kv_list(f"{self.prefix}/", namespace=_RELAY_NAMESPACE))
+            keys = sorted(internal_kv._internal_kv_list(self._keys, namespace=_RELAY_NAMESPACE))
             for key in keys:
                 value = internal_kv._internal_kv_get(key, namespace=_RELAY_NAMESPACE)
                 if value is not None:
@@ -278,13 +267,12 @@ class MetricInbox:
 
         self.drain()
         try:
-            left = internal_kv._internal_kv_list(f"{self.prefix}/", namespace=_RELAY_NAMESPACE)
+            left = internal_kv._internal_kv_list(self._keys, namespace=_RELAY_NAMESPACE)
             if left:
                 log.warning(
                     "%d batches of rank 0's metrics could not be logged to run %s", len(left), self.run_id
                 )
-                prefix = f"{self.prefix}/"
-                internal_kv._internal_kv_del(prefix, del_by_prefix=True, namespace=_RELAY_NAMESPACE)
+                internal_kv._internal_kv_del(self._keys, del_by_prefix=True, namespace=_RELAY_NAMESPACE)
         except Exception as exc:  # noqa: BLE001  (Ray is gone: so are the keys)
             log.debug("could not clear the metric keys: %s", exc)
 

@@ -346,7 +346,7 @@ def test_rank_0s_metrics_reach_the_run_through_the_driver_in_order(
     assert not tracker.client.get_metric_history(tracker.run_id, "lr")  # not finite: not logged, as before
     # a store that fails: the batches wait for the next drain, with one warning
     relay.log(13, {"train_loss": 3.0})
-    relay.flush()  # in the GCS, the sender still running
+    relay.close()  # in the GCS (a later log starts a new sender)
     working = inbox.client
     inbox.client = mlflow_client(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # has no such run
     with caplog.at_level(logging.WARNING, logger="lmplatform.tracking"):

@@ -126,14 +126,38 @@ class MetricLogger:
         self.ready()
         now = int(time.time() * 1000)
         batch = [Metric(key, value, now, step) for key, value in _finite_metrics(metrics).items()]
-        if batch:
-            self._client.log_batch(self.run_id, metrics=batch)
+        if not batch:
+            return
+        for attempt in range(_TRANSPORT_RETRIES + 1):
+            try:
+                self._client.log_batch(self.run_id, metrics=batch)
+                return
+            except Exception as exc:
+                if attempt == _TRANSPORT_RETRIES or not _broke_in_transport(exc):
+                    raise
+                log.warning("logging step %d's metrics broke off (%s); sending them again", step, exc)
+                time.sleep(1.0)
 
     def close(self) -> None:
         """Nothing to end (as :meth:`MetricRelay.close`)."""
 
     def _connect(self) -> None:
         self._client = mlflow_client(self.uri)
+
+
+# MLflow's client retries a refused connection (about two minutes, while a server restarts) but not a response the
+# server broke off mid-way (it died while answering): that surfaces at once, as an MlflowException whose context
+# is the requests error. Sending the same batch again is safe: the store skips a metric (key, value, timestamp,
+# step) it already holds, and the next attempt waits out the restart in MLflow's own retries.
+_TRANSPORT_RETRIES = 2
+
+
+def _broke_in_transport(exc: BaseException) -> bool:
+    """Whether ``exc`` is an MLflow request that failed in the connection (no HTTP answer), not an error answer."""
+    import requests
+
+    cause = exc.__cause__ or exc.__context__
+    return isinstance(cause, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError))
 
 
 def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

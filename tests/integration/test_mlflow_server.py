@@ -5,12 +5,15 @@ the server is down; the training waits for it). Also the Host-header allow list 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.integration.conftest import TINY
 from tests.integration.servers import MlflowServer
@@ -105,3 +108,100 @@ def test_training_survives_a_server_restart(
     assert client.get_registered_model("lmlab-srvtest").name == "lmlab-srvtest"
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert artifacts, "no artifacts reached the server"
+
+
+class _BreakingProxy:
+    """A TCP proxy in front of the server that cuts off the first ``/runs/log-batch`` answers after their headers
+    (as a server killed while answering does), and passes everything else through whole."""
+
+    def __init__(self, upstream_port: int, breaks: int) -> None:
+        self.upstream_port = upstream_port
+        self.breaks = breaks
+        self.batches = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn: socket.socket) -> None:
+        with conn, socket.create_connection(("127.0.0.1", self.upstream_port)) as up:
+            request = self._read_message(conn)
+            if request is None:
+                return
+            up.sendall(request.replace(b"Connection: keep-alive", b"Connection: close"))
+            answer = self._read_message(up)
+            if answer is not None and b"/runs/log-batch" in request.split(b"\r\n", 1)[0]:
+                self.batches += 1
+                if self.batches <= self.breaks:
+                    conn.sendall(answer.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")  # the headers, no body
+                    return
+            if answer is not None:
+                conn.sendall(answer)
+
+    @staticmethod
+    def _read_message(sock: socket.socket) -> bytes | None:
+        """One HTTP/1.1 message with a Content-Length body (what MLflow's client and server send)."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_metric_batch_whose_answer_broke_off_is_sent_again_and_stored_once(
+    mlflow_server: MlflowServer,
+) -> None:
+    """The server dying while it answers a log-batch surfaces at once, without MLflow's retries (which cover only
+    a refused connection): the logger sends the batch again; the store keeps one copy."""
+    from lmplatform.tracking import MetricLogger, mlflow_client
+
+    client = mlflow_client(mlflow_server.uri)
+    exp = client.get_experiment_by_name("broken-answer") or client.get_experiment(
+        client.create_experiment("broken-answer")
+    )
+    run_id = client.create_run(exp.experiment_id).info.run_id
+    proxy = _BreakingProxy(mlflow_server.port, breaks=2)
+    try:
+        MetricLogger(f"http://127.0.0.1:{proxy.port}", run_id).log(7, {"train_loss": 3.5, "lr": 1e-3})
+        assert proxy.batches == 3, "the batch was not sent again after its answers broke off"
+        history = client.get_metric_history(run_id, "train_loss")
+        assert [(m.step, m.value) for m in history] == [(7, 3.5)]
+
+        proxy.breaks, proxy.batches = 99, 0  # a server that breaks every answer: the error reaches the caller
+        with pytest.raises(Exception, match="log-batch"):
+            MetricLogger(f"http://127.0.0.1:{proxy.port}", run_id).log(8, {"train_loss": 3.4})
+        assert proxy.batches == 3
+
+        proxy.breaks, proxy.batches = (
+            0,
+            0,
+        )  # an error answer (a deleted run takes no metrics) is not sent again
+        client.delete_run(run_id)
+        with pytest.raises(Exception, match="(?i)active"):
+            MetricLogger(f"http://127.0.0.1:{proxy.port}", run_id).log(9, {"train_loss": 3.3})
+        assert proxy.batches == 1
+    finally:
+        proxy.close()

@@ -266,9 +266,11 @@ def ensure_ray(
                 started_here = True
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise PlatformError(f"cannot connect to Ray at {where or 'a running local head'}: {exc}") from exc
+    own = started_here and prestart  # one run, on a Ray that ends with this process
     if started_here:
         os.environ.setdefault(_PREEMPTION_ENV, "0")
-        start_train_coordinator()
+        if not (own and lean.enabled()):  # the lean trainer on lm's own Ray asks no coordinator (lean)
+            start_train_coordinator()
     check_resources(rc, ray.cluster_resources(), fixed=started_here)
     from lmplatform.cluster import check_cluster  # imports this module
 
@@ -276,7 +278,7 @@ def ensure_ray(
     # 0 workers: nothing prestarted, and nothing an earlier run in this process prestarted is handed to this one
     prestart_train_workers(rc.num_workers if started_here and prestart else 0)
     # a single run on a Ray it started: Ray ends with this process, so Train's placement-group cleaner has no work
-    lean.claim_cluster(started_here and prestart)
+    lean.claim_cluster(own)
 
 
 def start_train_coordinator() -> bool:
@@ -288,7 +290,8 @@ def start_train_coordinator() -> bool:
     controller finds it. On 2 cores that moved the first step of ``lm train experiments/tiny.yaml
     train.max_seconds=3`` from 15.6-15.9 s to 14.2-14.6 s (alternating runs, as printed then, without the imports).
     The module is Ray's own, not public API: where a Ray release moves it, this does nothing and Train creates the
-    actor as before.
+    actor as before. A single run on a Ray ``ensure_ray`` started for it needs no coordinator at all
+    (``lean.without_coordinator``), so this is for sweeps and ``LMLAB_LEAN=0``.
     """
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (

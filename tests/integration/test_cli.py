@@ -275,6 +275,9 @@ def test_a_signal_stops_every_rank_at_one_checkpoint_and_ends_the_run_killed(
             extras = ("dashboard/dashboard.py", "autoscaler/_private/monitor.py")
             assert not [c for c in commands if any(extra in c for extra in extras)]
             assert not [c for c in commands if c.startswith("ray::IDLE")]
+            # lean.without_coordinator: a Ray that cannot grow gets no autoscaling coordinator (the controller would
+            # create it before asking for the ranks, and it is titled ray::AutoscalingCoordinator:<class>)
+            assert not [c for c in commands if "AutoscalingCoordinator" in c]
             # tracking.MetricRelay: rank 0 sends its metrics to the driver, which alone opens the MLflow store
             store = Path(mlflow_store.removeprefix("sqlite:///"))
             assert _has_open(proc.pid, store) and not any(_has_open(p, store) for p in ranks)

@@ -1,6 +1,6 @@
 """lmplatform/lean.py without a Ray: which of Ray Train's parts an lm run leaves out, and where it keeps them. (On a
 Ray that `lm train` starts, tests/integration/test_cli.py's signal test checks the processes themselves: no dataset
-manager, no placement-group cleaner, no gloo thread in a single rank, no torch in its controller, no API server,
+manager, no placement-group cleaner, no autoscaling coordinator, no gloo thread in a single rank, no torch in its controller, no API server,
 autoscaler monitor or idle worker.)"""
 
 from __future__ import annotations
@@ -52,6 +52,39 @@ def test_lmlab_lean_0_gives_ray_train_as_it_comes(monkeypatch: pytest.MonkeyPatc
     assert lean.trainer_class(own_cluster=True) is TorchTrainer
     assert type(lean.torch_config("ddp", 1)) is TorchConfig
     assert {DatasetsCallback, PlacementGroupCleanerCallback} <= _callback_types(TorchTrainer)
+
+
+def _policy_sent(trainer_class: type, monkeypatch: pytest.MonkeyPatch, **kwargs: object) -> object:
+    """The scaling policy a trainer of ``trainer_class`` hands Train's controller (caught before any actor starts)."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    sent: dict[str, object] = {}
+    monkeypatch.setattr(
+        DataParallelTrainer, "_initialize_and_run_controller", lambda self, **kw: sent.update(kw)
+    )
+    scaling = ScalingConfig(num_workers=1)
+    trainer = trainer_class(_noop, train_loop_config={}, scaling_config=scaling, **kwargs)
+    trainer._initialize_and_run_controller(scaling_policy=create_scaling_policy(scaling))
+    return sent["scaling_policy"]
+
+
+def test_a_run_on_its_own_ray_asks_no_autoscaling_coordinator(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, ResizeDecision
+
+    policy = _policy_sent(lean.trainer_class(own_cluster=True), monkeypatch)
+    assert isinstance(policy, FixedScalingPolicy) and type(policy) is not FixedScalingPolicy
+    # Train's own asks the coordinator first (its client is made in after_controller_start): it fails here
+    with pytest.raises(AssertionError):
+        FixedScalingPolicy(policy.scaling_config).make_decision_for_non_running_worker_group()
+    decision = policy.make_decision_for_non_running_worker_group()  # the same decision, asking nobody
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 1
+    assert policy.after_controller_start(None) is None and policy.before_controller_abort() is None
+    # a sweep's trial or a joined cluster (which may grow) keeps Train's policy, as does a trainer given datasets
+    assert type(_policy_sent(lean.trainer_class(own_cluster=False), monkeypatch)) is FixedScalingPolicy
+    given = _policy_sent(lean.trainer_class(own_cluster=True), monkeypatch, datasets={"train": [1]})
+    assert type(given) is FixedScalingPolicy
 
 
 class _Group:

@@ -276,7 +276,7 @@ def ensure_ray(
 
     check_cluster(rc, tracking_uri, [n for n in ray.nodes() if n.get("Alive")], fixed=started_here)
     # 0 workers: nothing prestarted, and nothing an earlier run in this process prestarted is handed to this one
-    prestart_train_workers(rc.num_workers if started_here and prestart else 0)
+    prestart_train_workers(rc.num_workers if own else 0)
     # a single run on a Ray it started: Ray ends with this process, so Train's placement-group cleaner has no work
     lean.claim_cluster(own)
 

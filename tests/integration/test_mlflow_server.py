@@ -195,10 +195,8 @@ def test_a_metric_batch_whose_answer_broke_off_is_sent_again_and_stored_once(
             MetricLogger(f"http://127.0.0.1:{proxy.port}", run_id).log(8, {"train_loss": 3.4})
         assert proxy.batches == 3
 
-        proxy.breaks, proxy.batches = (
-            0,
-            0,
-        )  # an error answer (a deleted run takes no metrics) is not sent again
+        # an error answer (a deleted run takes no metrics) is not sent again
+        proxy.breaks, proxy.batches = 0, 0
         client.delete_run(run_id)
         with pytest.raises(Exception, match="(?i)active"):
             MetricLogger(f"http://127.0.0.1:{proxy.port}", run_id).log(9, {"train_loss": 3.3})

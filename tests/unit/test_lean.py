@@ -1,7 +1,7 @@
 """lmplatform/lean.py without a Ray: which of Ray Train's parts an lm run leaves out, and where it keeps them. (On a
 Ray that `lm train` starts, tests/integration/test_cli.py's signal test checks the processes themselves: no dataset
-manager, no placement-group cleaner, no autoscaling coordinator, no gloo thread in a single rank, no torch in its controller, no API server,
-autoscaler monitor or idle worker.)"""
+manager, no placement-group cleaner, no autoscaling coordinator, no gloo thread in a single rank, no torch in its
+controller, no API server, autoscaler monitor or idle worker.)"""
 
 from __future__ import annotations
 
